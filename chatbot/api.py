@@ -1,0 +1,199 @@
+"""HTTP API (FastAPI): OpenAI-compatible chat completions, health, and the Gradio chat page at ``/``.
+
+Errors come back as OpenAI-style objects ``{"error": {"message", "type", "code"}}``
+with HTTP 400 (bad input), 404 (unknown conversation), 422 (malformed body) or
+500/503 (our side).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from chatbot.config import Settings
+from chatbot.engines.base import ChatMessage, GenerationParams
+from chatbot.errors import ChatbotError, InvalidInputError
+
+log = logging.getLogger(__name__)
+
+
+class ChatMessageIn(BaseModel):
+    """An OpenAI chat message (text content only)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of ``POST /v1/chat/completions`` (OpenAI schema plus ``conversation_id``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    conversation_id: str | None = Field(default=None, max_length=64)
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "code": code}})
+
+
+def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool = True) -> FastAPI:
+    """Build the FastAPI app.
+
+    Args:
+        settings: service settings (default: from the environment).
+        assistant: a ready :class:`~chatbot.service.Assistant` (default: built from
+            settings at startup; its engine is started before the first request).
+        mount_ui: mount the Gradio customer chat at ``/``.
+    """
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from chatbot.service import Assistant
+
+        a = app.state.assistant
+        if a is None:
+            a = Assistant.from_settings(settings)
+            app.state.assistant = a
+        await a.engine.start()
+        log.info("serving %s on engine %s", a.engine.info.model, a.engine.info.name)
+        try:
+            yield
+        finally:
+            await a.engine.close()
+            a.store.close()
+
+    app = FastAPI(title="chatbot", version="0.1.0", lifespan=lifespan)
+    app.state.assistant = assistant
+    app.state.settings = settings
+
+    @app.exception_handler(ChatbotError)
+    async def _chatbot_error(_req: Request, exc: ChatbotError) -> JSONResponse:
+        if exc.http_status >= 500:
+            log.exception("request failed", exc_info=exc)
+        return _error(exc.http_status, str(exc), exc.error_type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        return _error(422, "invalid request body: " + "; ".join(parts), "invalid_request_error", "invalid_body")
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        a = app.state.assistant
+        version = a.retriever.version if a.retriever is not None else None
+        return {
+            "status": "ok",
+            "model": a.engine.info.model,
+            "engine": a.engine.info.name,
+            "index_version": version,
+            "max_model_len": a.engine.info.max_model_len,
+        }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        a = app.state.assistant
+        last = body.messages[-1]
+        if last.role != "user":
+            raise InvalidInputError(f"the last message must have role 'user', got {last.role!r}")
+        history = [ChatMessage(m.role, m.content) for m in body.messages[:-1] if m.role in ("user", "assistant")]
+        max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
+        params = GenerationParams(
+            max_tokens=max_tokens,
+            temperature=settings.temperature if body.temperature is None else body.temperature,
+            top_p=settings.top_p if body.top_p is None else body.top_p,
+            seed=body.seed,
+        )
+        turn = await a.start_turn(
+            body.conversation_id, last.content, params=params,
+            history=None if body.conversation_id else history, channel="api",
+        )
+        created = int(time.time())
+        cid = f"chatcmpl-{turn.request_id}"
+        model = a.engine.info.model
+        citations = [c.as_dict() for c in turn.citations]
+
+        def usage() -> dict:
+            return {
+                "prompt_tokens": turn.prompt_tokens,
+                "completion_tokens": turn.completion_tokens,
+                "total_tokens": turn.prompt_tokens + turn.completion_tokens,
+            }
+
+        if not body.stream:
+            async for _ in turn.stream():
+                pass
+            return {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "conversation_id": turn.conversation_id,
+                "citations": citations,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": turn.text},
+                        "finish_reason": turn.finish_reason,
+                    }
+                ],
+                "usage": usage(),
+            }
+
+        def sse(delta: dict, finish: str | None = None, **extra) -> str:
+            chunk = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "conversation_id": turn.conversation_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
+            }
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+        async def events():
+            yield sse({"role": "assistant", "content": ""}, citations=citations)
+            try:
+                async for text in turn.stream():
+                    if await request.is_disconnected():
+                        log.info("client disconnected; aborting %s", turn.request_id)
+                        return
+                    yield sse({"content": text})
+            except ChatbotError as exc:
+                log.exception("stream failed")
+                err = {"error": {"message": str(exc), "type": exc.error_type, "code": None}}
+                yield f"data: {json.dumps(err)}\n\n"
+                return
+            yield sse({}, turn.finish_reason, usage=usage(), citations=citations)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    if mount_ui:
+        import gradio as gr
+
+        from ui.chat import build_chat_ui
+
+        blocks = build_chat_ui(lambda: app.state.assistant)
+        app = gr.mount_gradio_app(app, blocks, path="/", footer_links=[])
+    return app

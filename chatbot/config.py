@@ -1,0 +1,135 @@
+"""The one settings object of the service.
+
+Values come, in order of precedence, from keyword arguments, environment
+variables with the prefix ``CHATBOT_`` (``CHATBOT_PORT=8000``), an optional TOML
+file named by ``CHATBOT_CONFIG`` and the defaults below (the embedded defaults:
+SmolLM2-135M-Instruct, all-MiniLM-L6-v2, the ABCD policy knowledge base).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+#: Repository root (the folder that holds ``pyproject.toml``).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+#: Name the embedded chat model is known by when ``model`` is left at its default.
+EMBEDDED_CHAT_MODEL = "embedded:smollm2-135m-instruct"
+#: Name the embedded embedder is known by when ``embedder`` is left at its default.
+EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the customer-service assistant of an online clothing store. "
+    "Answer the customer's question in a few friendly sentences, using only the "
+    "numbered policy passages below. Cite the passages you use like [1]. "
+    "If the passages do not answer the question, say you are not sure and offer "
+    "to connect the customer with a human agent."
+)
+
+
+class Settings(BaseSettings):
+    """Service settings (env prefix ``CHATBOT_``; optional TOML file ``CHATBOT_CONFIG``).
+
+    Raises:
+        pydantic.ValidationError: a field has a bad value; the message names the
+            field and the value.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CHATBOT_", extra="forbid")
+
+    # --- where things live
+    data_dir: Path = Field(default=PROJECT_ROOT / "var", description="Index versions and the SQLite store.")
+    cache_dir: Path = Field(
+        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatbot",
+        description="Converted embedded models.",
+    )
+    kb_dir: Path = Field(default=PROJECT_ROOT / "data" / "kb", description="Documents ingested by `chatbot setup`.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")
+
+    # --- models
+    model: str = Field(default=EMBEDDED_CHAT_MODEL, description="Chat model: HF id, local path or the embedded one.")
+    embedder: str = Field(default=EMBEDDED_EMBEDDER, description="Sentence-transformers model: id, path or embedded.")
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    max_model_len: int = Field(default=2048, ge=256)
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # vLLM settings (used by the vLLM engine only)
+    gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0)
+    kv_cache_space_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines.")
+    max_num_seqs: int = Field(default=32, ge=1)
+    enforce_eager: bool = True
+
+    # --- retrieval
+    top_k: int = Field(default=4, ge=1, le=50)
+    chunk_tokens: int = Field(default=200, ge=16, description="Chunk size in embedder tokens.")
+    chunk_overlap: int = Field(default=32, ge=0, description="Overlap between split chunks, embedder tokens.")
+    min_score: float = Field(default=0.2, ge=-1.0, le=1.0, description="Below this cosine no passage is cited.")
+
+    # --- conversation
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_message_chars: int = Field(default=4000, ge=1)
+    history_turns: int = Field(default=6, ge=0)
+
+    # --- server
+    host: str = "127.0.0.1"
+    port: int = Field(default=7860, ge=1, le=65535)
+
+    @field_validator("chunk_overlap")
+    @classmethod
+    def _overlap_below_size(cls, v: int, info) -> int:
+        size = info.data.get("chunk_tokens")
+        if size is not None and v >= size:
+            raise ValueError(f"chunk_overlap must be < chunk_tokens ({size}), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _budget(self) -> "Settings":
+        if self.max_new_tokens >= self.max_model_len:
+            raise ValueError(
+                f"max_new_tokens must be < max_model_len ({self.max_model_len}), got {self.max_new_tokens}"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        toml_file = os.environ.get("CHATBOT_CONFIG")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    # --- derived paths
+    @property
+    def index_dir(self) -> Path:
+        """Folder that holds the index versions and the ``CURRENT`` pointer."""
+        return self.data_dir / "index"
+
+    @property
+    def resolved_database_url(self) -> str:
+        """``database_url`` or the SQLite file in ``data_dir``."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'chatbot.db'}"
+
+    @property
+    def prompt_budget_tokens(self) -> int:
+        """Tokens the prompt may use: ``max_model_len - max_new_tokens``."""
+        return self.max_model_len - self.max_new_tokens
+

@@ -1,0 +1,120 @@
+"""The engine interface: chat messages in, streamed text deltas out."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from chatbot.errors import InvalidInputError
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat message as the model's chat template expects it."""
+
+    role: Role
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        """``{"role": ..., "content": ...}`` for ``apply_chat_template``."""
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings of one request.
+
+    Attributes:
+        max_tokens: most new tokens to generate (>= 1).
+        temperature: 0 means greedy decoding.
+        top_p: nucleus sampling mass in (0, 1].
+        seed: sampling seed, or None.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise InvalidInputError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidInputError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class StreamChunk:
+    """One piece of a streamed generation.
+
+    Attributes:
+        text: new text since the previous chunk (never splits a UTF-8 character;
+            may be empty on the final chunk).
+        finish_reason: ``None`` while generating, then ``"stop"`` (end-of-turn or
+            EOS token) or ``"length"`` (``max_tokens`` reached).
+        prompt_tokens: tokens in the rendered prompt (set on every chunk).
+        completion_tokens: tokens generated so far.
+    """
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class EngineInfo:
+    """What ``/healthz`` reports about the engine."""
+
+    name: str
+    model: str
+    max_model_len: int
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """A chat generation engine.
+
+    Implementations apply the model's own chat template, stop on the end-of-turn
+    token (``finish_reason == "stop"``; the template's tokens never appear in the
+    text) and stream text deltas that never split a multi-byte character.
+    """
+
+    info: EngineInfo
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model (heavy; called once before the first request)."""
+
+    @abc.abstractmethod
+    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Tokens of ``messages`` rendered with the chat template and generation prompt."""
+
+    @abc.abstractmethod
+    def stream(
+        self, messages: Sequence[ChatMessage], params: GenerationParams, request_id: str
+    ) -> AsyncIterator[StreamChunk]:
+        """Generate a reply to ``messages``; yield ``StreamChunk`` deltas, the last with a finish reason.
+
+        Raises:
+            InvalidInputError: the prompt does not fit ``max_model_len - max_tokens``.
+            EngineError: the engine failed.
+        """
+
+    async def close(self) -> None:
+        """Release the model and any worker processes."""
+
+
+def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """Raise InvalidInputError unless ``prompt_tokens + max_tokens <= max_model_len``."""
+    if prompt_tokens + max_tokens > max_model_len:
+        raise InvalidInputError(
+            f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds "
+            f"max_model_len {max_model_len}"
+        )

@@ -1,0 +1,194 @@
+"""Engine on plain transformers ``generate``: for CPU development, tests and machines without vLLM.
+
+One request runs at a time (an asyncio lock); ``generate`` runs in a worker
+thread and hands token ids back to the event loop through a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+from chatbot.engines.base import ChatMessage, Engine, EngineInfo, GenerationParams, StreamChunk, check_fits
+from chatbot.engines.detok import IncrementalDetokenizer
+from chatbot.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's EOS, ``<|im_end|>``/``<|eot_id|>``
+    when the vocabulary has them, and the generation config's ``eos_token_id``(s)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        if tok in vocab:
+            ids.add(int(vocab[tok]))
+    if generation_config is not None and generation_config.eos_token_id is not None:
+        eos = generation_config.eos_token_id
+        ids.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    return sorted(ids)
+
+
+def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, with the generation prompt."""
+    out = tokenizer.apply_chat_template(
+        [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=True
+    )
+    if not isinstance(out, list):  # BatchEncoding in transformers 5
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+class TransformersEngine(Engine):
+    """Chat engine on ``AutoModelForCausalLM.generate``.
+
+    Args:
+        model_path: local checkpoint folder or Hugging Face id.
+        max_model_len: context window used for admission (prompt + max_tokens).
+        dtype: ``"float32"`` (default on CPU: faster than bf16 on AVX2), ``"bfloat16"`` or ``"auto"``.
+        adapter_path: optional peft LoRA adapter folder applied on top of the base model.
+        model_name: name reported in ``/healthz`` and API responses.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        max_model_len: int = 2048,
+        dtype: str = "float32",
+        adapter_path: str | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.adapter_path = adapter_path
+        self.info = EngineInfo(name="transformers", model=model_name or model_path, max_model_len=max_model_len)
+        self._model = None
+        self._tok = None
+        self._stop_ids: list[int] = []
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        if self._model is not None:
+            return
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            self.dtype, "auto"
+        )
+        try:
+            self._tok = AutoTokenizer.from_pretrained(self.model_path)
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+            if self.adapter_path:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, self.adapter_path)
+        except Exception as exc:
+            raise EngineError(f"cannot load model {self.model_path!r}: {exc}") from exc
+        model.eval()
+        self._model = model
+        self._stop_ids = stop_token_ids(self._tok, getattr(model, "generation_config", None))
+        log.info("transformers engine ready: %s (stop ids %s)", self.model_path, self._stop_ids)
+
+    @property
+    def tokenizer(self):
+        """The loaded tokenizer (after ``start``)."""
+        return self._tok
+
+    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return len(render_chat(self._tok, messages))
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], params: GenerationParams, request_id: str
+    ) -> AsyncIterator[StreamChunk]:
+        if self._model is None:
+            await self.start()
+        prompt_ids = render_chat(self._tok, messages)
+        check_fits(len(prompt_ids), params.max_tokens, self.max_model_len)
+        async with self._lock:
+            async for chunk in self._generate(prompt_ids, params):
+                yield chunk
+
+    async def _generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[StreamChunk]:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+        from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        n_prompt = len(prompt_ids)
+
+        class _Streamer(BaseStreamer):
+            def __init__(self) -> None:
+                self.first = True
+
+            def put(self, value) -> None:
+                if self.first:  # generate() first pushes the prompt
+                    self.first = False
+                    return
+                loop.call_soon_threadsafe(queue.put_nowait, value.reshape(-1).tolist())
+
+            def end(self) -> None:
+                pass
+
+        class _Cancel(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+        def _run() -> None:
+            try:
+                kwargs = dict(
+                    input_ids=torch.tensor([prompt_ids]),
+                    attention_mask=torch.ones(1, n_prompt, dtype=torch.long),
+                    max_new_tokens=params.max_tokens,
+                    eos_token_id=self._stop_ids,
+                    pad_token_id=self._tok.pad_token_id if self._tok.pad_token_id is not None else self._stop_ids[0],
+                    streamer=_Streamer(),
+                    stopping_criteria=StoppingCriteriaList([_Cancel()]),
+                )
+                if params.temperature > 0:
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+                else:
+                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                with torch.inference_mode():
+                    self._model.generate(**kwargs)
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+            except Exception as exc:  # surfaced to the awaiting coroutine
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        thread = threading.Thread(target=_run, name="generate", daemon=True)
+        thread.start()
+        detok = IncrementalDetokenizer(self._tok)
+        n_gen = 0
+        last_id: int | None = None
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, Exception):
+                    raise EngineError(f"generation failed: {item}") from item
+                n_gen += len(item)
+                last_id = item[-1]
+                text = detok.push([t for t in item if t not in self._stop_ids])
+                if text:
+                    yield StreamChunk(text=text, prompt_tokens=n_prompt, completion_tokens=n_gen)
+            finish = "stop" if last_id in self._stop_ids else "length"
+            yield StreamChunk(text=detok.flush(), finish_reason=finish, prompt_tokens=n_prompt, completion_tokens=n_gen)
+        finally:
+            cancel.set()  # client went away or we are done: let generate() return
+            await asyncio.to_thread(thread.join)

@@ -1,0 +1,62 @@
+"""Typed errors raised by library code.
+
+Only the CLI (`chatbot.cli`) and the HTTP API (`chatbot.api`) turn these into
+exit codes and HTTP statuses; library code never prints or exits.
+"""
+
+from __future__ import annotations
+
+
+class ChatbotError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+    #: HTTP status the API answers with for this error.
+    http_status: int = 500
+    #: OpenAI-style error ``type`` string.
+    error_type: str = "server_error"
+
+
+class ConfigError(ChatbotError):
+    """A setting has a bad value; the message names the field and the value."""
+
+    http_status = 500
+    error_type = "config_error"
+
+
+class InvalidInputError(ChatbotError):
+    """A request (customer message, API body) cannot be processed as given."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class NotFoundError(ChatbotError):
+    """A referenced object (conversation, document, index version) does not exist."""
+
+    http_status = 404
+    error_type = "not_found_error"
+
+
+class ModelAssetError(ChatbotError):
+    """An embedded model could not be fetched, converted or loaded."""
+
+    error_type = "model_asset_error"
+
+
+class RetrievalIndexError(ChatbotError):
+    """The retrieval index is missing, corrupt or inconsistent with its manifest."""
+
+    error_type = "index_error"
+
+
+class EngineError(ChatbotError):
+    """The generation engine failed to start or to serve a request."""
+
+    error_type = "engine_error"
+
+
+class StoreError(ChatbotError):
+    """The conversation log store could not read or write."""
+
+    error_type = "store_error"
+

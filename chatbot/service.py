@@ -1,0 +1,254 @@
+"""One customer turn: validate -> retrieve -> build the prompt -> generate (streamed) -> log.
+
+See ``DESIGN.md`` at the top of the shared folder for the data flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from chatbot.config import Settings
+from chatbot.engines.base import ChatMessage, Engine, GenerationParams
+from chatbot.errors import InvalidInputError
+from chatbot.prompts import BuiltPrompt, build_prompt
+from chatbot.store import Message, Store, ids_as_str
+from retrieval.documents import Hit
+from retrieval.retriever import Retriever
+
+log = logging.getLogger(__name__)
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def clean_message(text: object, max_chars: int) -> str:
+    """Validate and normalise a customer message.
+
+    Control characters (other than newline and tab) are removed, the text is
+    NFC-normalised and stripped.
+
+    Raises:
+        InvalidInputError: not a string, empty after cleaning, or longer than ``max_chars``.
+    """
+    if not isinstance(text, str):
+        raise InvalidInputError(f"message must be a string, got {type(text).__name__}")
+    if len(text) > max_chars:
+        raise InvalidInputError(f"message must be at most {max_chars} characters, got {len(text)}")
+    cleaned = unicodedata.normalize("NFC", _CONTROL.sub("", text)).strip()
+    if not cleaned:
+        raise InvalidInputError("message must not be empty")
+    return cleaned
+
+
+@dataclass
+class Citation:
+    """A cited source document: ``number`` is the passage's [n] in the prompt."""
+
+    number: int
+    doc_id: str
+    title: str
+    source: str
+    score: float
+
+    def as_dict(self) -> dict:
+        return {"number": self.number, "doc_id": self.doc_id, "title": self.title, "source": self.source,
+                "score": round(self.score, 4)}
+
+
+def citations_from_hits(hits: Sequence[Hit]) -> list[Citation]:
+    """One citation per document, in passage order (a document's first passage gives its number)."""
+    seen: dict[str, Citation] = {}
+    for i, h in enumerate(hits, 1):
+        if h.doc_id not in seen:
+            seen[h.doc_id] = Citation(i, h.doc_id, h.title, h.source, h.score)
+    return list(seen.values())
+
+
+@dataclass
+class Turn:
+    """A prepared turn: iterate :meth:`stream` for the reply; fields fill in as it runs.
+
+    Attributes:
+        conversation_id: the conversation (a new id when the turn starts one; the
+            conversation row is written with the turn).
+        new_conversation: True when this turn starts the conversation.
+        citations: sources of the passages in the prompt (known before streaming).
+        text, finish_reason, prompt_tokens, completion_tokens, latency_ms, ttft_ms:
+            filled while / after streaming.
+        message_id: id of the stored assistant message.
+    """
+
+    request_id: str
+    conversation_id: str
+    new_conversation: bool
+    user_text: str
+    prompt: BuiltPrompt
+    params: GenerationParams
+    citations: list[Citation]
+    index_version: str | None
+    channel: str
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    message_id: int | None = None
+    _assistant: "Assistant | None" = field(default=None, repr=False)
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Yield reply text deltas; store the turn when generation ends.
+
+        Nothing is stored when the client stops reading early or generation fails.
+
+        Raises:
+            EngineError: generation failed.
+            StoreError: the turn could not be stored.
+        """
+        a = self._assistant
+        assert a is not None
+        t0 = time.perf_counter()
+        parts: list[str] = []
+        async for chunk in a.engine.stream(self.prompt.messages, self.params, self.request_id):
+            if chunk.text:
+                if self.ttft_ms is None:
+                    self.ttft_ms = (time.perf_counter() - t0) * 1000
+                parts.append(chunk.text)
+                yield chunk.text
+            self.prompt_tokens = chunk.prompt_tokens
+            self.completion_tokens = chunk.completion_tokens
+            if chunk.finish_reason:
+                self.finish_reason = chunk.finish_reason
+        self.text = "".join(parts)
+        self.latency_ms = (time.perf_counter() - t0) * 1000
+        await asyncio.to_thread(a.record, self)
+
+
+class Assistant:
+    """The customer-service assistant: ties retrieval, the engine and the store together.
+
+    Args:
+        settings: service settings.
+        engine: a started or startable :class:`~chatbot.engines.base.Engine`.
+        retriever: search over the published index (None: answer without passages).
+        store: the conversation log store.
+    """
+
+    def __init__(self, settings: Settings, engine: Engine, retriever: Retriever | None, store: Store) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.retriever = retriever
+        self.store = store
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Assistant":
+        """Build the assistant the settings describe (engine not started yet).
+
+        Raises:
+            ModelAssetError: the embedded chat model could not be prepared.
+            ConfigError: the engine setting cannot be honoured here.
+            StoreError: the database cannot be opened.
+        """
+        from chatbot.assets import resolve_chat_model, resolve_embedder
+        from chatbot.engines import build_engine
+        from retrieval.embedder import Embedder
+
+        engine = build_engine(settings, resolve_chat_model(settings))
+        embedder = Embedder(resolve_embedder(settings), name=settings.embedder)
+        retriever = Retriever(settings.index_dir, embedder)
+        return cls(settings, engine, retriever, Store(settings.resolved_database_url))
+
+    async def start_turn(
+        self,
+        conversation_id: str | None,
+        text: object,
+        params: GenerationParams | None = None,
+        history: Sequence[ChatMessage] | None = None,
+        channel: str = "api",
+    ) -> Turn:
+        """Validate, look up the conversation, retrieve and build the prompt (no generation yet).
+
+        Args:
+            conversation_id: continue this conversation (history from the store), or None for a new one.
+            text: the customer's message.
+            params: sampling settings (default from settings).
+            history: earlier messages for a new conversation (e.g. sent by an API client).
+            channel: recorded on a new conversation.
+
+        Raises:
+            InvalidInputError: bad message, or it cannot fit the model's context.
+            NotFoundError: unknown ``conversation_id``.
+        """
+        s = self.settings
+        user_text = clean_message(text, s.max_message_chars)
+        params = params or GenerationParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+        if params.max_tokens >= s.max_model_len:
+            raise InvalidInputError(f"max_tokens must be < max_model_len ({s.max_model_len}), got {params.max_tokens}")
+        if conversation_id is not None:
+            await asyncio.to_thread(self.store.get_conversation, conversation_id)
+            rows = await asyncio.to_thread(self.store.history, conversation_id, 2 * s.history_turns)
+            history = [ChatMessage(r.role, r.text) for r in rows]
+        else:
+            history = list(history or [])[-2 * s.history_turns :] if s.history_turns else []
+        hits: list[Hit] = []
+        index_version = None
+        if self.retriever is not None:
+            hits = await asyncio.to_thread(self.retriever.search, user_text, s.top_k, s.min_score)
+            index_version = self.retriever.version
+        await self.engine.start()
+        prompt = build_prompt(
+            s.system_prompt,
+            user_text,
+            hits,
+            history,
+            self.engine.count_prompt_tokens,
+            s.max_model_len - params.max_tokens,
+        )
+        return Turn(
+            request_id=uuid.uuid4().hex,
+            conversation_id=conversation_id or uuid.uuid4().hex,
+            new_conversation=conversation_id is None,
+            user_text=user_text,
+            prompt=prompt,
+            params=params,
+            citations=citations_from_hits(prompt.hits),
+            index_version=index_version,
+            channel=channel,
+            _assistant=self,
+        )
+
+    def record(self, turn: Turn) -> None:
+        """Store a finished turn (both messages in one transaction)."""
+        reply = Message(
+            conversation_id="",
+            role="assistant",
+            text=turn.text,
+            chunk_ids=ids_as_str([h.chunk_id for h in turn.prompt.hits]),
+            chunk_scores=[round(h.score, 4) for h in turn.prompt.hits],
+            citations=[c.as_dict() for c in turn.citations],
+            model=self.engine.info.model,
+            engine=self.engine.info.name,
+            index_version=turn.index_version,
+            finish_reason=turn.finish_reason,
+            latency_ms=turn.latency_ms,
+            ttft_ms=turn.ttft_ms,
+            prompt_tokens=turn.prompt_tokens,
+            completion_tokens=turn.completion_tokens,
+        )
+        _conv, _user, msg = self.store.record_turn(
+            turn.conversation_id, turn.user_text, reply, channel=turn.channel, new=turn.new_conversation
+        )
+        turn.message_id = msg.id
+
+    async def respond(self, conversation_id: str | None, text: object, **kwargs) -> Turn:
+        """Run a whole turn without streaming; return the finished :class:`Turn`."""
+        turn = await self.start_turn(conversation_id, text, **kwargs)
+        async for _ in turn.stream():
+            pass
+        return turn

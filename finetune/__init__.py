@@ -1,0 +1,1 @@
+"""Fine-tuning: LoRA SFT of the chat model and classification heads (see the open issues)."""

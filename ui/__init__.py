@@ -1,0 +1,1 @@
+"""User interfaces (Gradio): the customer chat (`ui.chat`)."""
