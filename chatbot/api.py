@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
             max_tokens=max_tokens,
             temperature=settings.temperature if body.temperature is None else body.temperature,
             top_p=settings.top_p if body.top_p is None else body.top_p,
+            repetition_penalty=settings.repetition_penalty,
             seed=body.seed,
         )
         turn = await a.start_turn(

@@ -62,9 +62,10 @@ class Settings(BaseSettings):
     engine: Literal["auto", "vllm", "transformers"] = "auto"
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     max_model_len: int = Field(default=2048, ge=256)
-    max_new_tokens: int = Field(default=256, ge=1)
+    max_new_tokens: int = Field(default=200, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.1, ge=0.5, le=2.0)
     # vLLM settings (used by the vLLM engine only)
     gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0)
     kv_cache_space_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines.")
@@ -72,10 +73,24 @@ class Settings(BaseSettings):
     enforce_eager: bool = True
 
     # --- retrieval
-    top_k: int = Field(default=4, ge=1, le=50)
+    top_k: int = Field(default=3, ge=1, le=50)
     chunk_tokens: int = Field(default=200, ge=16, description="Chunk size in embedder tokens.")
     chunk_overlap: int = Field(default=32, ge=0, description="Overlap between split chunks, embedder tokens.")
     min_score: float = Field(default=0.2, ge=-1.0, le=1.0, description="Below this cosine no passage is cited.")
+    retrieval_mode: Literal["dense", "bm25", "hybrid"] = Field(
+        default="hybrid", description="Default search: dense (cosine), bm25 (lexical) or hybrid (reciprocal rank fusion)."
+    )
+    rrf_k: int = Field(default=60, ge=1, description="Reciprocal rank fusion constant: score = sum 1 / (rrf_k + rank).")
+    hybrid_candidates: int = Field(default=50, ge=1, description="Hits taken from each of dense and BM25 before fusion.")
+    ann_threshold: int = Field(
+        default=50_000, ge=0, description="Above this many vectors the index is HNSW (approximate), else exact flat."
+    )
+    hnsw_m: int = Field(default=32, ge=4, le=256, description="HNSW graph degree (links per node).")
+    hnsw_ef_construction: int = Field(default=80, ge=8, description="HNSW candidate list size while building.")
+    hnsw_ef_search: int = Field(default=64, ge=1, description="HNSW candidate list size while searching (recall/speed).")
+    index_device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="Search a flat index on the GPU: auto (when faiss-gpu and a GPU are present), cpu, gpu."
+    )
 
     # --- conversation
     system_prompt: str = DEFAULT_SYSTEM_PROMPT

@@ -31,7 +31,7 @@ def clean_message(text: object, max_chars: int) -> str:
     """Validate and normalise a customer message.
 
     Control characters (other than newline and tab) are removed, the text is
-    NFC-normalised and stripped.
+    NFC-normalised and stripped; a message with no visible character is empty.
 
     Raises:
         InvalidInputError: not a string, empty after cleaning, or longer than ``max_chars``.
@@ -41,7 +41,8 @@ def clean_message(text: object, max_chars: int) -> str:
     if len(text) > max_chars:
         raise InvalidInputError(f"message must be at most {max_chars} characters, got {len(text)}")
     cleaned = unicodedata.normalize("NFC", _CONTROL.sub("", text)).strip()
-    if not cleaned:
+    # Only whitespace and invisible format characters (e.g. U+200B) counts as empty.
+    if not any(unicodedata.category(ch)[0] in "LNPS" for ch in cleaned):
         raise InvalidInputError("message must not be empty")
     return cleaned
 
@@ -187,7 +188,10 @@ class Assistant:
         """
         s = self.settings
         user_text = clean_message(text, s.max_message_chars)
-        params = params or GenerationParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+        params = params or GenerationParams(
+            max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+            repetition_penalty=s.repetition_penalty,
+        )
         if params.max_tokens >= s.max_model_len:
             raise InvalidInputError(f"max_tokens must be < max_model_len ({s.max_model_len}), got {params.max_tokens}")
         if conversation_id is not None:

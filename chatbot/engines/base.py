@@ -32,12 +32,15 @@ class GenerationParams:
         max_tokens: most new tokens to generate (>= 1).
         temperature: 0 means greedy decoding.
         top_p: nucleus sampling mass in (0, 1].
+        repetition_penalty: > 1 discourages repeating prompt or generated tokens
+            (CTRL, Keskar et al. 2019; the same parameter in transformers and vLLM).
         seed: sampling seed, or None.
     """
 
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -47,6 +50,8 @@ class GenerationParams:
             raise InvalidInputError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.5 <= self.repetition_penalty <= 2.0:
+            raise InvalidInputError(f"repetition_penalty must be in [0.5, 2], got {self.repetition_penalty}")
 
 
 @dataclass

@@ -36,8 +36,12 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """Return whatever is left at the end (including a trailing U+FFFD of a truly broken byte)."""
-        text = self._tok.decode(self._ids, skip_special_tokens=True)
+        """Return what is left at the end, without a trailing incomplete character.
+
+        When generation stops in the middle of a multi-byte character (a length
+        cut), the partial bytes decode to U+FFFD; they are dropped, not emitted.
+        """
+        text = self._tok.decode(self._ids, skip_special_tokens=True).rstrip(REPLACEMENT)
         delta = text[self._emitted :]
-        self._emitted = len(text)
+        self._emitted = max(self._emitted, len(text))
         return delta

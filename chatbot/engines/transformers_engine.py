@@ -157,6 +157,7 @@ class TransformersEngine(Engine):
                     pad_token_id=self._tok.pad_token_id if self._tok.pad_token_id is not None else self._stop_ids[0],
                     streamer=_Streamer(),
                     stopping_criteria=StoppingCriteriaList([_Cancel()]),
+                    repetition_penalty=params.repetition_penalty,
                 )
                 if params.temperature > 0:
                     if params.seed is not None:

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 
+from chatbot.engines.detok import REPLACEMENT
 from chatbot.engines.base import ChatMessage, Engine, EngineInfo, GenerationParams, StreamChunk, check_fits
 from chatbot.engines.transformers_engine import render_chat, stop_token_ids
 from chatbot.errors import EngineError
@@ -134,6 +135,7 @@ class VLLMEngine(Engine):
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
+            repetition_penalty=params.repetition_penalty,
             seed=params.seed,
             stop_token_ids=self._stop_ids,
             skip_special_tokens=True,
@@ -149,7 +151,9 @@ class VLLMEngine(Engine):
                 if out.finished:
                     finished = True
                     reason = "length" if o.finish_reason == "length" else "stop"
-                    yield StreamChunk(o.text, finish_reason=reason, prompt_tokens=n_prompt, completion_tokens=n_gen)
+                    # A length cut inside a multi-byte character leaves U+FFFD: drop it.
+                    text = o.text.rstrip(REPLACEMENT)
+                    yield StreamChunk(text, finish_reason=reason, prompt_tokens=n_prompt, completion_tokens=n_gen)
                 elif o.text:
                     yield StreamChunk(o.text, prompt_tokens=n_prompt, completion_tokens=n_gen)
         except Exception as exc:
