@@ -15,12 +15,12 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatbot.config import Settings
 from chatbot.engines.base import ChatMessage, GenerationParams
-from chatbot.errors import ChatbotError, InvalidInputError
+from chatbot.errors import ChatbotError, InvalidInputError, TooBusyError
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,34 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
     @app.exception_handler(ChatbotError)
     async def _chatbot_error(_req: Request, exc: ChatbotError) -> JSONResponse:
         if exc.http_status >= 500:
-            log.exception("request failed", exc_info=exc)
-        return _error(exc.http_status, str(exc), exc.error_type)
+            log.error("request failed: %s", exc, exc_info=exc)
+        resp = _error(exc.http_status, str(exc), exc.error_type)
+        if isinstance(exc, TooBusyError):
+            resp.headers["Retry-After"] = str(exc.retry_after_s)
+        return resp
+
+    @app.middleware("http")
+    async def _count_requests(request: Request, call_next):
+        response = await call_next(request)
+        a = app.state.assistant
+        path = request.url.path
+        if a is not None and path in ("/v1/chat/completions", "/v1/models", "/healthz"):
+            a.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = app.state.assistant.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        a = app.state.assistant
+        return {
+            "object": "list",
+            "data": [{"id": a.engine.info.model, "object": "model", "created": 0, "owned_by": "chatbot",
+                      "engine": a.engine.info.name}],
+        }
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:

@@ -92,10 +92,33 @@ class Settings(BaseSettings):
         default="auto", description="Search a flat index on the GPU: auto (when faiss-gpu and a GPU are present), cpu, gpu."
     )
 
+    # --- routing (intent / entity heads, finetune.heads; policy: chatbot.router)
+    intent_head_dir: Path = Field(
+        default=PROJECT_ROOT / "data" / "heads" / "intent", description="Intent head folder (head.json + adapter)."
+    )
+    entity_head_dir: Path = Field(
+        default=PROJECT_ROOT / "data" / "heads" / "entity", description="Entity (slot) head folder."
+    )
+    routing_policy: Path = Field(
+        default=PROJECT_ROOT / "data" / "routing.yaml", description="YAML routing policy: intent -> action."
+    )
+    intent_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Override of the intent head's out-of-scope threshold (calibrated score); None keeps the head's.",
+    )
+
     # --- conversation
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_message_chars: int = Field(default=4000, ge=1)
     history_turns: int = Field(default=6, ge=0)
+
+    # --- admission control
+    max_concurrent: int | None = Field(
+        default=None, ge=1, description="Replies generating at once; default: max_num_seqs on vLLM, 1 on transformers."
+    )
+    max_queued: int = Field(default=128, ge=0, description="Requests waiting beyond those; more get HTTP 429.")
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 429, seconds.")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="A reply running longer is aborted (504).")
 
     # --- server
     host: str = "127.0.0.1"

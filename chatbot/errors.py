@@ -60,3 +60,21 @@ class StoreError(ChatbotError):
 
     error_type = "store_error"
 
+
+
+class TooBusyError(ChatbotError):
+    """Every running and queued place is taken; the client should retry after ``retry_after_s``."""
+
+    http_status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(ChatbotError):
+    """A reply took longer than the per-request timeout and was aborted."""
+
+    http_status = 504
+    error_type = "timeout_error"

@@ -14,9 +14,11 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from chatbot.admission import Admission, Ticket
 from chatbot.config import Settings
 from chatbot.engines.base import ChatMessage, Engine, GenerationParams
-from chatbot.errors import InvalidInputError
+from chatbot.errors import InvalidInputError, RequestTimeoutError
+from chatbot.metrics import Metrics
 from chatbot.prompts import BuiltPrompt, build_prompt
 from chatbot.store import Message, Store, ids_as_str
 from retrieval.documents import Hit
@@ -102,32 +104,58 @@ class Turn:
     ttft_ms: float | None = None
     message_id: int | None = None
     _assistant: "Assistant | None" = field(default=None, repr=False)
+    _ticket: Ticket | None = field(default=None, repr=False)
 
     async def stream(self) -> AsyncIterator[str]:
         """Yield reply text deltas; store the turn when generation ends.
 
-        Nothing is stored when the client stops reading early or generation fails.
+        Waits for a running slot first (admission control). Nothing is stored when
+        the client stops reading early, the request times out or generation fails.
 
         Raises:
+            RequestTimeoutError: the reply took longer than ``request_timeout_s``.
             EngineError: generation failed.
             StoreError: the turn could not be stored.
         """
         a = self._assistant
-        assert a is not None
+        assert a is not None and self._ticket is not None
+        m = a.metrics
         t0 = time.perf_counter()
         parts: list[str] = []
-        async for chunk in a.engine.stream(self.prompt.messages, self.params, self.request_id):
-            if chunk.text:
-                if self.ttft_ms is None:
-                    self.ttft_ms = (time.perf_counter() - t0) * 1000
-                parts.append(chunk.text)
-                yield chunk.text
-            self.prompt_tokens = chunk.prompt_tokens
-            self.completion_tokens = chunk.completion_tokens
-            if chunk.finish_reason:
-                self.finish_reason = chunk.finish_reason
+        try:
+            await self._ticket.acquire()
+            t_start = time.perf_counter()
+            async with asyncio.timeout(a.settings.request_timeout_s):
+                async for chunk in a.engine.stream(self.prompt.messages, self.params, self.request_id):
+                    if chunk.text:
+                        if self.ttft_ms is None:
+                            self.ttft_ms = (time.perf_counter() - t0) * 1000
+                        parts.append(chunk.text)
+                        yield chunk.text
+                    self.prompt_tokens = chunk.prompt_tokens
+                    self.completion_tokens = chunk.completion_tokens
+                    if chunk.finish_reason:
+                        self.finish_reason = chunk.finish_reason
+        except TimeoutError as exc:
+            m.rejected.labels("timeout").inc()
+            raise RequestTimeoutError(
+                f"reply took longer than request_timeout_s={a.settings.request_timeout_s} and was aborted"
+            ) from exc
+        except (asyncio.CancelledError, GeneratorExit):
+            m.aborted.inc()
+            log.info("turn %s aborted by the client", self.request_id)
+            raise
+        finally:
+            self._ticket.release()
         self.text = "".join(parts)
         self.latency_ms = (time.perf_counter() - t0) * 1000
+        m.latency.observe(self.latency_ms / 1000)
+        if self.ttft_ms is not None:
+            m.ttft.observe(self.ttft_ms / 1000)
+        m.generated_tokens.inc(self.completion_tokens)
+        m.prompt_tokens.inc(self.prompt_tokens)
+        log.debug("turn %s: %d tokens in %.0f ms (%.0f ms in the engine)", self.request_id,
+                  self.completion_tokens, self.latency_ms, (time.perf_counter() - t_start) * 1000)
         await asyncio.to_thread(a.record, self)
 
 
@@ -141,11 +169,21 @@ class Assistant:
         store: the conversation log store.
     """
 
-    def __init__(self, settings: Settings, engine: Engine, retriever: Retriever | None, store: Store) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        retriever: Retriever | None,
+        store: Store,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.retriever = retriever
         self.store = store
+        self.metrics = metrics or Metrics()
+        max_running = settings.max_concurrent or (settings.max_num_seqs if engine.info.name == "vllm" else 1)
+        self.admission = Admission(max_running, settings.max_queued, settings.retry_after_s, self.metrics)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Assistant":
@@ -185,6 +223,7 @@ class Assistant:
         Raises:
             InvalidInputError: bad message, or it cannot fit the model's context.
             NotFoundError: unknown ``conversation_id``.
+            TooBusyError: every running and queued place is taken.
         """
         s = self.settings
         user_text = clean_message(text, s.max_message_chars)
@@ -214,7 +253,9 @@ class Assistant:
             self.engine.count_prompt_tokens,
             s.max_model_len - params.max_tokens,
         )
+        ticket = self.admission.reserve()  # raises TooBusyError (429) when the queue is full
         return Turn(
+            _ticket=ticket,
             request_id=uuid.uuid4().hex,
             conversation_id=conversation_id or uuid.uuid4().hex,
             new_conversation=conversation_id is None,

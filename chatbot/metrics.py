@@ -1,0 +1,52 @@
+"""Prometheus metrics of the service (prometheus_client), exposed at ``/metrics``.
+
+Each app gets its own :class:`CollectorRegistry`, so several apps in one process
+(tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Seconds; CPU serving of a small model spans tens of ms to a minute.
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class Metrics:
+    """The service's counters, gauges and histograms.
+
+    Attributes:
+        requests: ``chatbot_requests_total{endpoint,status}``: finished HTTP requests by status code.
+        ttft: ``chatbot_ttft_seconds``: time to first token of a chat completion.
+        latency: ``chatbot_request_latency_seconds``: end-to-end latency of a chat completion.
+        generated_tokens: ``chatbot_generated_tokens_total``.
+        prompt_tokens: ``chatbot_prompt_tokens_total``.
+        running: ``chatbot_requests_running``: generating now.
+        queued: ``chatbot_requests_queued``: waiting for a generation slot.
+        rejected: ``chatbot_requests_rejected_total{reason}``: 429s (queue full) and timeouts.
+        aborted: ``chatbot_requests_aborted_total``: client disconnected before the end.
+        intents: ``chatbot_intents_total{intent}``.
+        handoffs: ``chatbot_handoffs_total{reason}``.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("chatbot_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.ttft = Histogram("chatbot_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("chatbot_request_latency_seconds", "End-to-end chat completion latency",
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.generated_tokens = Counter("chatbot_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("chatbot_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.running = Gauge("chatbot_requests_running", "Requests generating now", registry=r)
+        self.queued = Gauge("chatbot_requests_queued", "Requests waiting for a slot", registry=r)
+        self.rejected = Counter("chatbot_requests_rejected", "Requests refused", ["reason"], registry=r)
+        self.aborted = Counter("chatbot_requests_aborted", "Requests whose client went away", registry=r)
+        self.intents = Counter("chatbot_intents", "Routed intents", ["intent"], registry=r)
+        self.handoffs = Counter("chatbot_handoffs", "Handoffs to a human", ["reason"], registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) for the ``/metrics`` endpoint."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
