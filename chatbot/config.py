@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     # --- models
     model: str = Field(default=EMBEDDED_CHAT_MODEL, description="Chat model: HF id, local path or the embedded one.")
     embedder: str = Field(default=EMBEDDED_EMBEDDER, description="Sentence-transformers model: id, path or embedded.")
-    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    engine: Literal["auto", "vllm", "transformers", "remote"] = "auto"
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     max_model_len: int = Field(default=2048, ge=256)
     max_new_tokens: int = Field(default=200, ge=1)
@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     kv_cache_space_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines.")
     max_num_seqs: int = Field(default=32, ge=1)
     enforce_eager: bool = True
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor parallelism (GPUs per replica).")
+    enable_prefix_caching: bool = Field(default=True, description="vLLM prefix caching (shared system prompt).")
+    # remote engine: a separate OpenAI-compatible server (vllm serve) does the generation
+    remote_url: str | None = Field(default=None, description="Base URL of the remote server (engine='remote').")
+    remote_model: str | None = Field(default=None, description="Model id the remote server serves (default: model).")
+    remote_api_key: str | None = None
 
     # --- retrieval
     top_k: int = Field(default=3, ge=1, le=50)

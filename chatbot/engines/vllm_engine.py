@@ -53,6 +53,8 @@ class VLLMEngine(Engine):
         kv_cache_space_gib: KV cache on CPU machines (``VLLM_CPU_KVCACHE_SPACE``).
         max_num_seqs: most sequences batched at once.
         enforce_eager: skip torch.compile and graph capture (faster start).
+        tensor_parallel_size: GPUs per replica (vLLM tensor parallelism).
+        enable_prefix_caching: reuse the KV cache of shared prompt prefixes (the system prompt).
         model_name: name reported in ``/healthz`` and API responses.
     """
 
@@ -65,6 +67,8 @@ class VLLMEngine(Engine):
         kv_cache_space_gib: int = 2,
         max_num_seqs: int = 32,
         enforce_eager: bool = True,
+        tensor_parallel_size: int = 1,
+        enable_prefix_caching: bool = True,
         model_name: str | None = None,
     ) -> None:
         self.model_path = model_path
@@ -74,6 +78,8 @@ class VLLMEngine(Engine):
         self.kv_cache_space_gib = kv_cache_space_gib
         self.max_num_seqs = max_num_seqs
         self.enforce_eager = enforce_eager
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.info = EngineInfo(
             name="vllm",
             model=model_name or model_path,
@@ -106,6 +112,8 @@ class VLLMEngine(Engine):
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 max_num_seqs=self.max_num_seqs,
                 enforce_eager=self.enforce_eager,
+                tensor_parallel_size=self.tensor_parallel_size,
+                enable_prefix_caching=self.enable_prefix_caching,
                 disable_log_stats=True,
             )
             self._engine = AsyncLLM.from_engine_args(args)
