@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.chatbot.test_api import QUESTION, RETURN_DOCS, read_sse
-from tests.conftest import start_server, stop_server
+from chatbot.testing import start_server, stop_server
 
 pytestmark = [
     pytest.mark.slow,

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import start_server, stop_server
+from chatbot.testing import start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
