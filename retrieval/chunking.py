@@ -4,10 +4,15 @@ A Markdown document is cut into sections at ATX headings (``#`` .. ``######``)
 that are outside fenced code blocks; a section is cut into blocks (paragraphs,
 lists, whole fenced code blocks); blocks are packed into chunks of at most
 ``chunk_tokens`` tokens; short neighbouring sections share a chunk when
-they fit whole, and a chunk that does not fit starts at a heading. A paragraph longer than that is split on sentence,
-then word boundaries with ``overlap_tokens`` of overlap. A fenced code block is
-never cut (it may exceed the bound; the embedder then sees its head).
-Every character of the document's text belongs to at least one chunk.
+they fit whole, and a section that does not fit starts a new chunk at its heading.
+A chunk's ``headings`` is the heading path of its section, or for a chunk that
+packs several sections the path they share (``["Guide"]`` for ``Guide > Install``
+and ``Guide > Support``); the heading lines themselves stay in the chunk text.
+A paragraph longer than the bound is split on sentence, then word boundaries with
+``overlap_tokens`` of overlap. A fenced code block is never cut, and a ``#`` line
+inside it is never a heading (it may exceed the bound; the embedder then sees its
+head); a single word longer than the bound stays whole too. Every
+non-blank line of the document's text belongs to at least one chunk.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from retrieval.documents import Chunk, Document, content_id
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
+_FENCE_CLOSE = re.compile(r"^\s{0,3}(`{3,}|~{3,})\s*$")  # a closing fence has no info string
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -44,7 +50,8 @@ def _sections(text: str, markdown: bool) -> list[_Section]:
         m_fence = _FENCE.match(line)
         if fence is not None:
             buf.append(line)
-            if m_fence and m_fence.group(1)[0] == fence[0] and len(m_fence.group(1)) >= len(fence):
+            m_close = _FENCE_CLOSE.match(line)
+            if m_close and m_close.group(1)[0] == fence[0] and len(m_close.group(1)) >= len(fence):
                 fence = None
                 flush()
             continue
@@ -90,6 +97,13 @@ def _split_long(block: str, size: int, overlap: int, count: Callable[[str], int]
     return pieces
 
 
+def _common_prefix(a: list[str], b: list[str]) -> list[str]:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
 def chunk_document(
     doc: Document,
     count_tokens: Callable[[str], int],
@@ -126,6 +140,8 @@ def chunk_document(
             cur = []
         if not cur:
             cur_headings = sec.headings
+        else:  # packed with the previous section(s): keep the heading path they all share
+            cur_headings = _common_prefix(cur_headings, sec.headings)
         for block in sec.blocks:
             is_code = bool(_FENCE.match(block))
             pieces = [block] if is_code or count_tokens(block) <= chunk_tokens else _split_long(

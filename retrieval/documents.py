@@ -83,8 +83,13 @@ class Hit:
 
     Attributes:
         chunk_id, doc_id, title, source, text: of the matched chunk.
-        score: cosine similarity in [-1, 1] for dense search, fused score otherwise.
-        rank: 1-based rank in the result list.
+        score: cosine similarity of query and chunk in [-1, 1], in every search mode
+            (so one ``min_score`` threshold means the same thing in each mode).
+        rank: 1-based rank in the result list (the order of the mode used).
+        mode: the search mode that ranked it: ``"dense"``, ``"bm25"`` or ``"hybrid"``.
+        bm25_score: the chunk's BM25 score when BM25 found it (bm25 and hybrid modes), else None.
+        fused_score: reciprocal-rank-fusion score in hybrid mode, else None.
+        headings: the chunk's section heading path, outermost first.
     """
 
     chunk_id: int
@@ -94,3 +99,7 @@ class Hit:
     text: str
     score: float
     rank: int
+    mode: str = "dense"
+    bm25_score: float | None = None
+    fused_score: float | None = None
+    headings: list[str] = field(default_factory=list)

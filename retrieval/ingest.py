@@ -5,6 +5,11 @@ nothing (no new version is published); a changed file's old chunks are
 replaced; with ``sync=True`` documents that were ingested from the same root but
 are gone from it are removed. Vectors of unchanged chunks are copied from the
 current version instead of being embedded again.
+
+Every change builds a whole new index (flat or HNSW by size, see
+:mod:`retrieval.index`) and publishes it as a new version beside the old one; the
+``CURRENT`` pointer is swapped atomically, and a running :class:`~retrieval.retriever.Retriever`
+picks the new version up on its next search.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.chunking import chunk_document
-from retrieval.documents import Chunk
+from retrieval.documents import Chunk, Document
 from retrieval.embedder import Embedder
-from retrieval.index import VectorIndex, load_version, publish_version
+from retrieval.index import IndexOptions, VectorIndex, load_version, publish_version
 from retrieval.loaders import Skipped, load_paths
 
 log = logging.getLogger(__name__)
@@ -68,25 +73,88 @@ def ingest(
     overlap_tokens: int = 32,
     sync: bool = False,
     show_progress: bool = False,
+    index_options: IndexOptions | None = None,
 ) -> IngestReport:
     """Ingest files and folders into the versioned index at ``index_dir``.
 
     Args:
-        paths: files or folders (Markdown and text; see :mod:`retrieval.loaders`).
+        paths: files or folders (Markdown, text, HTML, PDF, DOCX; see :mod:`retrieval.loaders`).
         index_dir: the index directory (created when missing).
         embedder: the embedder; must match the current version's embedder and dim.
         chunk_tokens, overlap_tokens: chunking bounds in embedder tokens.
         sync: also remove documents previously ingested from these roots that no longer exist.
-        show_progress: show a progress bar while embedding.
+        show_progress: show progress bars while reading and embedding.
+        index_options: index kind thresholds and HNSW parameters (default :class:`IndexOptions`).
 
     Raises:
         FileNotFoundError: a named path does not exist.
         RetrievalIndexError: the current version is unreadable.
-        ValueError: the current version was built with another embedder or chunking.
+        ValueError: the current version was built with another embedder or chunking, or
+            ``chunk_tokens`` exceeds what the embedder reads.
     """
     paths = [Path(p) for p in paths]
     roots = {str(p.resolve()) if p.is_dir() else str(p.resolve().parent) for p in paths}
-    docs, skipped = load_paths(paths)
+    docs, skipped = load_paths(paths, show_progress=show_progress)
+    for doc in docs:
+        file_path = Path(doc.metadata.get("path", doc.source)).resolve()
+        doc.metadata["root"] = next(
+            (r for r in sorted(roots, key=len, reverse=True) if file_path.is_relative_to(r)), None
+        )
+    return ingest_documents(
+        docs,
+        index_dir,
+        embedder,
+        chunk_tokens,
+        overlap_tokens,
+        sync=sync,
+        roots=roots,
+        skipped=skipped,
+        show_progress=show_progress,
+        index_options=index_options,
+    )
+
+
+def ingest_documents(
+    docs: Iterable[Document],
+    index_dir: Path,
+    embedder: Embedder,
+    chunk_tokens: int = 200,
+    overlap_tokens: int = 32,
+    sync: bool = False,
+    roots: set[str] | None = None,
+    skipped: list[Skipped] | None = None,
+    show_progress: bool = False,
+    index_options: IndexOptions | None = None,
+) -> IngestReport:
+    """Ingest already-loaded documents (the core of :func:`ingest`; also used by evaluation).
+
+    Args:
+        docs: documents with unique ``doc_id``; ``metadata["root"]`` (optional) names the
+            folder they came from, for ``sync``.
+        index_dir, embedder, chunk_tokens, overlap_tokens, show_progress, index_options: as :func:`ingest`.
+        sync: remove previously ingested documents that are not in ``docs``: those whose
+            root is in ``roots``, or every one when ``roots`` is None (mirror ``docs`` exactly).
+        roots: see ``sync``.
+        skipped: files already skipped while loading, carried into the report.
+
+    Returns:
+        What changed; a new version is published only when something did.
+
+    Raises:
+        RetrievalIndexError: the current version is unreadable.
+        ValueError: duplicate doc ids, another embedder or chunking than the current
+            version, or ``chunk_tokens`` beyond what the embedder reads.
+    """
+    docs = list(docs)
+    index_options = index_options or IndexOptions()
+    limit = embedder.max_seq_length - 2  # [CLS] and [SEP]
+    if chunk_tokens > limit:
+        raise ValueError(f"chunk_tokens must be <= {limit} (the embedder reads {limit + 2} tokens), got {chunk_tokens}")
+    ids_seen: set[str] = set()
+    for doc in docs:
+        if doc.doc_id in ids_seen:
+            raise ValueError(f"doc_id must be unique, got {doc.doc_id!r} twice")
+        ids_seen.add(doc.doc_id)
     current = load_version(index_dir)
     chunking = {"chunk_tokens": chunk_tokens, "overlap_tokens": overlap_tokens, "method": "heading-aware"}
     old_docs: dict[str, dict] = {}
@@ -103,15 +171,14 @@ def ingest(
         old_docs = dict(m.get("documents", {}))
         old_chunks = current.chunks
 
-    report = IngestReport(version=current.version if current else None, published=False, skipped=skipped)
+    report = IngestReport(version=current.version if current else None, published=False, skipped=list(skipped or []))
     new_docs: dict[str, dict] = {}
     keep_chunks: list[Chunk] = []
     fresh_chunks: list[Chunk] = []
-    seen: set[str] = set()
-    for doc in docs:
-        seen.add(doc.doc_id)
-        file_path = Path(doc.metadata.get("path", doc.source)).resolve()
-        root = next((r for r in sorted(roots, key=len, reverse=True) if file_path.is_relative_to(r)), None)
+    from tqdm.auto import tqdm
+
+    for doc in tqdm(docs, desc="chunking", unit="doc", disable=not show_progress or not docs):
+        root = doc.metadata.get("root")
         entry = {"sha256": doc.sha256, "title": doc.title, "source": doc.source, "root": root}
         prev = old_docs.get(doc.doc_id)
         if prev is not None and prev.get("sha256") == doc.sha256:
@@ -126,9 +193,9 @@ def ingest(
         (report.updated if prev is not None else report.added).append(doc.doc_id)
         fresh_chunks.extend(chunks)
     for doc_id, prev in old_docs.items():
-        if doc_id in seen:
+        if doc_id in ids_seen:
             continue
-        if sync and prev.get("root") in roots:
+        if sync and (roots is None or prev.get("root") in roots):
             report.removed.append(doc_id)
             continue
         ids = prev.get("chunk_ids", [])
@@ -144,20 +211,25 @@ def ingest(
     reuse = [c for c in fresh_chunks if c.chunk_id in old_chunks]
     embed = [c for c in fresh_chunks if c.chunk_id not in old_chunks]
     report.chunks_embedded = len(embed)
-    index = VectorIndex(embedder.dim)
+    ids_parts: list[np.ndarray] = []
+    vec_parts: list[np.ndarray] = []
     if keep_chunks or reuse:
         ids = np.array([c.chunk_id for c in keep_chunks + reuse], dtype=np.int64)
-        index.add(ids, current.index.reconstruct(ids))
+        ids_parts.append(ids)
+        vec_parts.append(current.index.reconstruct(ids))
     if embed:
-        vecs = embedder.encode([c.embedding_text() for c in embed], show_progress=show_progress)
-        index.add(np.array([c.chunk_id for c in embed], dtype=np.int64), vecs)
+        ids_parts.append(np.array([c.chunk_id for c in embed], dtype=np.int64))
+        vec_parts.append(embedder.encode([c.embedding_text() for c in embed], show_progress=show_progress))
+    all_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+    all_vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, embedder.dim), np.float32)
+    index = VectorIndex.build(embedder.dim, all_ids, all_vecs, index_options)
     ordered = sorted(all_chunks, key=lambda c: (c.doc_id, c.position))
     manifest = {
         "embedder": embedder.name,
         "dim": embedder.dim,
         "normalized": True,
         "metric": "inner_product (cosine)",
-        "index_type": "IndexIDMap2(IndexFlatIP)",
+        "index_type": index.describe()["faiss"],
         "chunking": chunking,
         "document_count": len(new_docs),
         "documents": new_docs,
