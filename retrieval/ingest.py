@@ -147,9 +147,26 @@ def ingest_documents(
     """
     docs = list(docs)
     index_options = index_options or IndexOptions()
-    limit = embedder.max_seq_length - 2  # [CLS] and [SEP]
-    if chunk_tokens > limit:
-        raise ValueError(f"chunk_tokens must be <= {limit} (the embedder reads {limit + 2} tokens), got {chunk_tokens}")
+    checked = False
+
+    def check_embedder() -> None:
+        # Loads the embedder; deferred until a document needs chunking, so an
+        # ingest that changes nothing (a second `make run`) never loads the model.
+        nonlocal checked
+        if checked:
+            return
+        checked = True
+        limit = embedder.max_seq_length - 2  # [CLS] and [SEP]
+        if chunk_tokens > limit:
+            raise ValueError(
+                f"chunk_tokens must be <= {limit} (the embedder reads {limit + 2} tokens), got {chunk_tokens}"
+            )
+        if current is not None and current.manifest.get("dim") != embedder.dim:
+            raise ValueError(
+                f"index {current.version} has {current.manifest.get('dim')}-dim vectors, embedder "
+                f"{embedder.name!r} gives {embedder.dim}: ingest into a new index_dir"
+            )
+
     ids_seen: set[str] = set()
     for doc in docs:
         if doc.doc_id in ids_seen:
@@ -161,10 +178,10 @@ def ingest_documents(
     old_chunks: dict[int, Chunk] = {}
     if current is not None:
         m = current.manifest
-        if m.get("embedder") != embedder.name or m.get("dim") != embedder.dim:
+        if m.get("embedder") != embedder.name:
             raise ValueError(
-                f"index {current.version} was built with embedder {m.get('embedder')!r} ({m.get('dim')} dims); "
-                f"got {embedder.name!r} ({embedder.dim} dims): ingest into a new index_dir"
+                f"index {current.version} was built with embedder {m.get('embedder')!r}; "
+                f"got {embedder.name!r}: ingest into a new index_dir"
             )
         if m.get("chunking") != chunking:
             raise ValueError(f"index {current.version} used chunking {m.get('chunking')}, got {chunking}")
@@ -188,6 +205,7 @@ def ingest_documents(
                 new_docs[doc.doc_id] = {**entry, "root": prev.get("root", root), "chunk_ids": ids}
                 report.unchanged.append(doc.doc_id)
                 continue
+        check_embedder()
         chunks = chunk_document(doc, embedder.count_tokens, chunk_tokens, overlap_tokens)
         new_docs[doc.doc_id] = {**entry, "chunk_ids": [c.chunk_id for c in chunks]}
         (report.updated if prev is not None else report.added).append(doc.doc_id)
@@ -207,6 +225,7 @@ def ingest_documents(
     if not (report.added or report.updated or report.removed):
         log.info("nothing changed")
         return report
+    check_embedder()
 
     reuse = [c for c in fresh_chunks if c.chunk_id in old_chunks]
     embed = [c for c in fresh_chunks if c.chunk_id not in old_chunks]
