@@ -35,13 +35,17 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# Debian chromium for the browser tests (Playwright drives it; no browser download).
+# Debian chromium for the browser tests (Playwright drives it; no browser download) and the Debian
+# PostgreSQL server for the store tests (started on loopback by .ci/test-postgres.sh).
 system-test-deps:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v pg_ctlcluster >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || echo "warning: PostgreSQL not installed; its store tests will skip"
 
+# CHATBOT_TEST_POSTGRES_URL: a server the store tests may create databases on (default: the local
+# Debian cluster, started here when we are root).
 test: install system-test-deps
 	$(BIN)/chatbot setup
-	$(BIN)/python -m pytest
+	CHATBOT_TEST_POSTGRES_URL="$${CHATBOT_TEST_POSTGRES_URL:-$$(bash .ci/test-postgres.sh)}" $(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) var

@@ -216,6 +216,11 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    # feedback, handoff and the staff / operator console (before the chat page: it takes every other path)
+    from chatbot.console_api import install_console
+
+    app = install_console(app, settings, mount_ui=mount_ui)
+
     if mount_ui:
         import gradio as gr
 

@@ -12,13 +12,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from chatbot.company import COMPANY_FIELDS
 
 #: Repository root (the folder that holds ``pyproject.toml``).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -84,18 +86,19 @@ class Settings(BaseSettings):
     chunk_overlap: int = Field(default=32, ge=0, description="Overlap between split chunks, embedder tokens.")
     min_score: float = Field(default=0.2, ge=-1.0, le=1.0, description="Below this cosine no passage is cited.")
     retrieval_mode: Literal["dense", "bm25", "hybrid"] = Field(
-        default="hybrid", description="Default search: dense (cosine), bm25 (lexical) or hybrid (reciprocal rank fusion)."
+        default="dense",  # measured best on dstc11_track5 val (see retrieval/retriever.py); hybrid helps exact codes
+        description="Default search: dense (cosine), bm25 (lexical) or hybrid (reciprocal rank fusion).",
     )
     rrf_k: int = Field(default=60, ge=1, description="Reciprocal rank fusion constant: score = sum 1 / (rrf_k + rank).")
-    hybrid_candidates: int = Field(default=50, ge=1, description="Hits taken from each of dense and BM25 before fusion.")
+    hybrid_candidates: int = Field(default=50, ge=1, description="Hits from each of dense and BM25 before fusion.")
     ann_threshold: int = Field(
         default=50_000, ge=0, description="Above this many vectors the index is HNSW (approximate), else exact flat."
     )
     hnsw_m: int = Field(default=32, ge=4, le=256, description="HNSW graph degree (links per node).")
     hnsw_ef_construction: int = Field(default=80, ge=8, description="HNSW candidate list size while building.")
-    hnsw_ef_search: int = Field(default=64, ge=1, description="HNSW candidate list size while searching (recall/speed).")
+    hnsw_ef_search: int = Field(default=128, ge=1, description="HNSW candidate list size when searching.")
     index_device: Literal["auto", "cpu", "gpu"] = Field(
-        default="auto", description="Search a flat index on the GPU: auto (when faiss-gpu and a GPU are present), cpu, gpu."
+        default="auto", description="Search a flat index on the GPU: auto (if faiss-gpu sees a GPU), cpu, gpu."
     )
 
     # --- routing (intent / entity heads, finetune.heads; policy: chatbot.router)
@@ -113,10 +116,48 @@ class Settings(BaseSettings):
         description="Override of the intent head's out-of-scope threshold (calibrated score); None keeps the head's.",
     )
 
+    # --- fine-tuned chat adapters (finetune.sft, finetune.adapters; issue #5)
+    adapters_dir: Path | None = Field(
+        default=None, description="Adapter registry and the LIVE.json pointer; default data_dir/adapters."
+    )
+    enable_lora: bool = Field(
+        default=True, description="vLLM: start with LoRA support, so a promoted adapter is served without restart."
+    )
+    max_loras: int = Field(default=2, ge=1, description="vLLM: adapters held on the device at once.")
+    max_lora_rank: int = Field(default=64, ge=1, description="vLLM: highest LoRA rank it can serve.")
+    adapter_gate_max_val_loss_increase: float = Field(
+        default=0.01, ge=0.0, description="Promotion gate: validation loss may exceed the live one's by this (nats)."
+    )
+    adapter_gate_max_rouge_l_drop: float = Field(
+        default=0.005, ge=0.0, description="Promotion gate: test ROUGE-L may fall below the live one's by this."
+    )
+    adapter_gate_max_self_stop_drop: float = Field(
+        default=0.02, ge=0.0, description="Promotion gate: test self-stop rate may fall below the live one's by this."
+    )
+    company_fields: dict[str, str] = Field(
+        default_factory=lambda: dict(COMPANY_FIELDS),
+        description="Values of the [[field]] markers a fine-tuned reply writes (chatbot.company); JSON in the env.",
+    )
+
     # --- conversation
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_message_chars: int = Field(default=4000, ge=1)
     history_turns: int = Field(default=6, ge=0)
+
+    # --- conversation log, handoff and the staff / operator console (chatbot.store, chatbot.console_api)
+    redact_pii: bool = Field(
+        default=True, description="Redact emails, phone and card numbers and person names before text is stored."
+    )
+    redact_kinds: list[Literal["email", "phone", "card", "name"]] = Field(
+        default=["email", "phone", "card", "name"], description="What redaction removes (JSON list in the env)."
+    )
+    admin_username: str = Field(default="admin", description="Operator account created at start (see admin_password).")
+    admin_password: SecretStr | None = Field(
+        default=None, description="CHATBOT_ADMIN_PASSWORD: create admin_username as an operator when it does not exist."
+    )
+    console_session_hours: float = Field(default=12.0, gt=0, description="Console login lifetime, hours.")
+    console_secure_cookie: bool = Field(default=False, description="Mark the console cookie Secure (serve over HTTPS).")
+    handoff_poll_s: float = Field(default=2.0, gt=0, description="How often the chat page checks for staff replies, s.")
 
     # --- admission control
     max_concurrent: int | None = Field(
@@ -166,6 +207,11 @@ class Settings(BaseSettings):
     def index_dir(self) -> Path:
         """Folder that holds the index versions and the ``CURRENT`` pointer."""
         return self.data_dir / "index"
+
+    @property
+    def resolved_adapters_dir(self) -> Path:
+        """``adapters_dir`` or ``data_dir/adapters``: the adapter registry and its ``LIVE.json`` pointer."""
+        return self.adapters_dir or self.data_dir / "adapters"
 
     @property
     def resolved_database_url(self) -> str:

@@ -78,3 +78,31 @@ class RequestTimeoutError(ChatbotError):
 
     http_status = 504
     error_type = "timeout_error"
+
+
+class DataError(ChatbotError):
+    """A training or evaluation dataset is malformed; the message names the sample and field."""
+
+    http_status = 400
+    error_type = "data_error"
+
+
+class AdapterError(ChatbotError):
+    """A fine-tuned adapter is missing, malformed, or refused by the promotion gate."""
+
+    http_status = 409
+    error_type = "adapter_error"
+
+
+class AuthError(ChatbotError):
+    """Not logged in, a bad user name or password, or an expired session."""
+
+    http_status = 401
+    error_type = "authentication_error"
+
+
+class PermissionDeniedError(ChatbotError):
+    """Logged in, but the user's role may not do this (e.g. staff starting training)."""
+
+    http_status = 403
+    error_type = "permission_error"

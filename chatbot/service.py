@@ -20,13 +20,16 @@ from chatbot.engines.base import ChatMessage, Engine, GenerationParams
 from chatbot.errors import InvalidInputError, RequestTimeoutError
 from chatbot.metrics import Metrics
 from chatbot.prompts import BuiltPrompt, build_prompt
-from chatbot.store import Message, Store, ids_as_str
+from chatbot.store import HUMAN_STATUSES, Handoff, Message, Store, ids_as_str
 from retrieval.documents import Hit
 from retrieval.retriever import Retriever
 
 log = logging.getLogger(__name__)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+#: What a held turn (a person has the conversation) shows the customer instead of a bot reply.
+HANDOFF_NOTICE = "Your message has been passed to our support team. A person will reply here shortly."
 
 
 def clean_message(text: object, max_chars: int) -> str:
@@ -103,20 +106,32 @@ class Turn:
     latency_ms: float | None = None
     ttft_ms: float | None = None
     message_id: int | None = None
+    #: True when a person has the conversation: the customer's message is stored, the bot does not
+    #: answer, and :meth:`stream` yields only :data:`HANDOFF_NOTICE` (stored nowhere).
+    held: bool = False
+    #: the conversation's status after this message: ``bot``, ``handoff`` or ``human``.
+    status: str = "bot"
+    user_message_id: int | None = None
     _assistant: "Assistant | None" = field(default=None, repr=False)
     _ticket: Ticket | None = field(default=None, repr=False)
 
     async def stream(self) -> AsyncIterator[str]:
         """Yield reply text deltas; store the turn when generation ends.
 
-        Waits for a running slot first (admission control). Nothing is stored when
-        the client stops reading early, the request times out or generation fails.
+        Waits for a running slot first (admission control). The customer's message was
+        stored when the turn started; the reply is stored only when generation completes,
+        so nothing of the reply is stored when the client stops reading early, the request
+        times out or generation fails. A failed log write does not fail the reply
+        (:class:`~chatbot.conversation_log.ConversationLog` keeps it for a retry).
 
         Raises:
             RequestTimeoutError: the reply took longer than ``request_timeout_s``.
             EngineError: generation failed.
-            StoreError: the turn could not be stored.
         """
+        if self.held:
+            self.text, self.finish_reason = HANDOFF_NOTICE, "stop"
+            yield HANDOFF_NOTICE
+            return
         a = self._assistant
         assert a is not None and self._ticket is not None
         m = a.metrics
@@ -182,6 +197,15 @@ class Assistant:
         self.retriever = retriever
         self.store = store
         self.metrics = metrics or Metrics()
+        from chatbot.conversation_log import ConversationLog
+        from chatbot.redaction import build_redactor
+
+        #: redacting, failure-tolerant writer of the conversation (chatbot.conversation_log)
+        self.log = ConversationLog(
+            store, build_redactor(settings, entity_head=lambda: getattr(getattr(self, "router", None), "entity_head",
+                                                                        None)),
+            self.metrics,
+        )
         max_running = settings.max_concurrent or (settings.max_num_seqs if engine.info.name == "vllm" else 1)
         self.admission = Admission(max_running, settings.max_queued, settings.retry_after_s, self.metrics)
 
@@ -200,7 +224,7 @@ class Assistant:
 
         engine = build_engine(settings, resolve_chat_model(settings))
         embedder = Embedder(resolve_embedder(settings), name=settings.embedder)
-        retriever = Retriever(settings.index_dir, embedder)
+        retriever = Retriever(settings.index_dir, embedder, settings)
         return cls(settings, engine, retriever, Store(settings.resolved_database_url))
 
     async def start_turn(
@@ -234,7 +258,9 @@ class Assistant:
         if params.max_tokens >= s.max_model_len:
             raise InvalidInputError(f"max_tokens must be < max_model_len ({s.max_model_len}), got {params.max_tokens}")
         if conversation_id is not None:
-            await asyncio.to_thread(self.store.get_conversation, conversation_id)
+            conv = await asyncio.to_thread(self.store.get_conversation, conversation_id)
+            if conv.status in HUMAN_STATUSES:  # a person has it: store the message, the bot stays silent
+                return await self.held_turn(conversation_id, user_text, channel, status=conv.status)
             rows = await asyncio.to_thread(self.store.history, conversation_id, 2 * s.history_turns)
             history = [ChatMessage(r.role, r.text) for r in rows]
         else:
@@ -254,7 +280,7 @@ class Assistant:
             s.max_model_len - params.max_tokens,
         )
         ticket = self.admission.reserve()  # raises TooBusyError (429) when the queue is full
-        return Turn(
+        turn = Turn(
             _ticket=ticket,
             request_id=uuid.uuid4().hex,
             conversation_id=conversation_id or uuid.uuid4().hex,
@@ -267,9 +293,70 @@ class Assistant:
             channel=channel,
             _assistant=self,
         )
+        try:  # the customer's message is stored now, before any reply exists (never lost)
+            stored = await asyncio.to_thread(
+                self.log.customer_message, turn.conversation_id, user_text, turn.request_id, channel,
+                turn.new_conversation, getattr(turn, "route", None),
+            )
+        except BaseException:
+            ticket.release()
+            raise
+        turn.user_message_id = stored.id if stored is not None else None
+        return turn
+
+    async def held_turn(self, conversation_id: str, user_text: str, channel: str = "api",
+                        status: str = "handoff", route=None) -> Turn:
+        """Store the customer's message of a conversation a person has (or will take) and return a
+        turn that does not generate (:attr:`Turn.held`; it streams :data:`HANDOFF_NOTICE`).
+
+        Args:
+            user_text: the cleaned message.
+            status: the conversation's status (``handoff`` or ``human``).
+            route: the routing decision, stored with the message when given.
+        """
+        request_id = uuid.uuid4().hex
+        stored = await asyncio.to_thread(self.log.customer_message, conversation_id, user_text, request_id, channel,
+                                         False, route, None, "held")
+        return Turn(
+            request_id=request_id, conversation_id=conversation_id, new_conversation=False, user_text=user_text,
+            prompt=BuiltPrompt(messages=[], hits=[], history_kept=0, prompt_tokens=0),
+            params=GenerationParams(max_tokens=1), citations=[], index_version=None, channel=channel,
+            held=True, status=status, user_message_id=stored.id if stored is not None else None, _assistant=self,
+        )
+
+    async def request_handoff(self, conversation_id: str | None, reason: str, queue: str = "default",
+                              channel: str = "web") -> Handoff:
+        """Hand the conversation to people: it joins the staff handoff queue (status ``handoff``) and
+        the bot stays silent on it (customer messages are stored, :meth:`start_turn` returns held
+        turns) until staff hand it back or close it. Idempotent while a handoff is pending.
+
+        Call it when routing decides on a handoff, or when the customer asks for a person
+        (the chat page's button, ``POST /v1/handoff``).
+
+        Args:
+            conversation_id: the conversation, or None to open a new one for the request.
+            reason: why, e.g. ``customer_request``, ``human_request``, ``handoff_intent``, ``low_confidence``.
+            queue: the staff queue.
+
+        Returns:
+            The pending :class:`~chatbot.store.Handoff` (``conversation_id`` names a new
+            conversation when None was given).
+
+        Raises:
+            NotFoundError: unknown ``conversation_id``.
+            StoreError: the handoff could not be stored.
+        """
+        h = await asyncio.to_thread(self.log.request_handoff, conversation_id, reason, queue, channel)
+        self.metrics.handoffs.labels(reason).inc()
+        log.info("conversation %s handed off (%s)", h.conversation_id, reason)
+        return h
 
     def record(self, turn: Turn) -> None:
-        """Store a finished turn (both messages in one transaction)."""
+        """Store the finished reply (the customer's message was stored by :meth:`start_turn`).
+
+        Never raises for a failed write: :class:`~chatbot.conversation_log.ConversationLog`
+        reports it and keeps the reply for a retry (``turn.message_id`` stays None).
+        """
         reply = Message(
             conversation_id="",
             role="assistant",
@@ -286,10 +373,10 @@ class Assistant:
             prompt_tokens=turn.prompt_tokens,
             completion_tokens=turn.completion_tokens,
         )
-        _conv, _user, msg = self.store.record_turn(
-            turn.conversation_id, turn.user_text, reply, channel=turn.channel, new=turn.new_conversation
-        )
-        turn.message_id = msg.id
+        reply.conversation_id = turn.conversation_id
+        reply.request_id = turn.request_id
+        msg = self.log.reply(reply)
+        turn.message_id = msg.id if msg is not None else None
 
     async def respond(self, conversation_id: str | None, text: object, **kwargs) -> Turn:
         """Run a whole turn without streaming; return the finished :class:`Turn`."""

@@ -1,17 +1,29 @@
-"""Customer chat page (Gradio): streamed answers with their sources underneath.
+"""Customer chat page (Gradio): streamed answers with their sources, thumbs up/down on each answer,
+a "talk to a person" button, and staff replies shown in the same window.
 
 UI only: every decision is made by :class:`chatbot.service.Assistant`.
-Each browser session keeps its own ``conversation_id`` in ``gr.State``, so two
-customers never share history.
+Each browser session keeps its own ``conversation_id`` (and the ids of its replies)
+in ``gr.State``, so two customers never share history. While a person has the
+conversation, a timer polls the store for staff replies (every ``poll_s`` seconds).
+
+Embed it in another site with the script tag served at ``/widget.js`` (see README,
+"Embed the chat") or an ``<iframe src="https://support.example.com/">``.
 """
 
-from __future__ import annotations
-
+import asyncio
+import logging
 from collections.abc import Callable, Sequence
 
 from chatbot.errors import ChatbotError
 
+log = logging.getLogger(__name__)
+
 TITLE = "Customer support"
+PERSON_BUTTON = "Talk to a person"
+QUEUED_NOTICE = "You're in the queue for a member of our support team. They will reply here; you can keep writing."
+RETURNED_NOTICE = "Our support team handed the conversation back to the assistant."
+CLOSED_NOTICE = "Our support team closed this conversation. Write again any time."
+STAFF_PREFIX = "**Support agent:** "
 
 
 def format_sources(citations: Sequence) -> str:
@@ -22,44 +34,121 @@ def format_sources(citations: Sequence) -> str:
     return "\n\n---\n**Sources**\n\n" + "\n".join(f"- {line}" for line in lines)
 
 
-def build_chat_ui(get_assistant: Callable[[], object]):
+def _ref(conversation_id: str | None) -> str:
+    return f"Conversation reference: `{conversation_id}`" if conversation_id else ""
+
+
+def rating_of(liked) -> tuple[int | None, str | None]:
+    """(rating, comment) from a Gradio like event: True -> +1, False -> -1, another option -> -1 with
+    the option as comment, an empty value -> None (rating removed)."""
+    if liked is True:
+        return 1, None
+    if liked is False:
+        return -1, None
+    if isinstance(liked, str) and liked.strip():
+        return -1, liked.strip()
+    return None, None
+
+
+def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
     """Build the Gradio Blocks of the customer chat.
 
     Args:
         get_assistant: returns the running :class:`~chatbot.service.Assistant`
             (looked up per message, so the page can be built before the model loads).
+        poll_s: how often to look for staff replies while a person has the conversation, seconds.
     """
     import gradio as gr
 
-    async def respond(message: str, history: list, conversation_id: str | None):
+    async def respond(message: str, history: list, conversation_id: str | None, msg_ids: dict, status: str):
         history = list(history or [])
+        msg_ids = dict(msg_ids or {})
         history.append({"role": "user", "content": message})
         history.append({"role": "assistant", "content": ""})
         try:
             turn = await get_assistant().start_turn(conversation_id, message, channel="web")
         except ChatbotError as exc:
             history[-1]["content"] = f"Sorry, I could not process that message: {exc}"
-            yield history, conversation_id, ""
+            yield history, conversation_id, "", msg_ids, status, _ref(conversation_id)
             return
         text = ""
         try:
             async for delta in turn.stream():
                 text += delta
                 history[-1]["content"] = text
-                yield history, conversation_id, ""
+                yield history, conversation_id, "", msg_ids, status, _ref(conversation_id)
         except ChatbotError as exc:
             history[-1]["content"] = f"{text}\n\nSorry, something went wrong: {exc}"
-            yield history, conversation_id, ""
+            yield history, conversation_id, "", msg_ids, status, _ref(conversation_id)
             return
         history[-1]["content"] = (text or "(no answer)") + format_sources(turn.citations)
-        yield history, turn.conversation_id, ""
+        if turn.message_id is not None:
+            msg_ids[str(len(history) - 1)] = turn.message_id
+        new_status = getattr(turn, "status", "bot") or "bot"
+        yield history, turn.conversation_id, "", msg_ids, new_status, _ref(turn.conversation_id)
+
+    async def ask_person(history: list, conversation_id: str | None, status: str):
+        history = list(history or [])
+        try:
+            h = await get_assistant().request_handoff(conversation_id, "customer_request", channel="web")
+        except ChatbotError as exc:
+            history.append({"role": "assistant", "content": f"Sorry, I could not reach our support team: {exc}"})
+            return history, conversation_id, status, _ref(conversation_id)
+        history.append({"role": "assistant", "content": QUEUED_NOTICE})
+        return history, h.conversation_id, "handoff", _ref(h.conversation_id)
+
+    async def on_like(data: gr.LikeData, conversation_id: str | None, msg_ids: dict):
+        index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+        message_id = (msg_ids or {}).get(str(index))
+        if conversation_id is None or message_id is None:
+            return  # a notice, or a reply that was not stored: nothing to rate
+        rating, comment = rating_of(data.liked)
+        try:
+            await asyncio.to_thread(get_assistant().store.add_feedback, conversation_id, int(message_id), rating,
+                                    comment)
+        except ChatbotError:
+            log.exception("feedback on message %s not stored", message_id)
+
+    def poll(conversation_id: str | None, history: list, last_seen: int, status: str):
+        if not conversation_id or status not in ("handoff", "human"):
+            return gr.skip(), gr.skip(), gr.skip()
+        store = get_assistant().store
+        try:
+            conv = store.get_conversation(conversation_id)
+            new = store.messages_after(conversation_id, int(last_seen or 0), roles=("staff",))
+        except ChatbotError:
+            return gr.skip(), gr.skip(), gr.skip()
+        if not new and conv.status == status:
+            return gr.skip(), gr.skip(), gr.skip()
+        history = list(history or [])
+        for m in new:
+            history.append({"role": "assistant", "content": STAFF_PREFIX + m.text})
+        if conv.status != status and conv.status in ("bot", "closed"):
+            history.append({"role": "assistant", "content": RETURNED_NOTICE if conv.status == "bot" else CLOSED_NOTICE})
+        last = max([int(last_seen or 0)] + [m.id for m in new])
+        return history, last, conv.status
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as blocks:
         gr.Markdown(f"## {TITLE}\nAsk about orders, returns, refunds, your account or our policies.")
         conversation = gr.State(None)
-        chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chat")
+        msg_ids = gr.State({})  # chat index (str) -> stored message id, for thumbs up/down
+        last_seen = gr.State(0)  # newest staff message shown
+        status = gr.State("bot")
+        chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chat", feedback_options=("Like", "Dislike"))
         box = gr.Textbox(
             placeholder="Type your question and press Enter", show_label=False, elem_id="message", autofocus=True
         )
-        box.submit(respond, [box, chatbot, conversation], [chatbot, conversation, box])
+        with gr.Row():
+            person = gr.Button(PERSON_BUTTON, elem_id="talk-to-person", size="sm", variant="secondary")
+            ref = gr.Markdown("", elem_id="conversation-ref")
+        timer = gr.Timer(poll_s)
+        box.submit(respond, [box, chatbot, conversation, msg_ids, status],
+                   [chatbot, conversation, box, msg_ids, status, ref], show_progress_on=[chatbot])
+        person.click(ask_person, [chatbot, conversation, status], [chatbot, conversation, status, ref],
+                     show_progress_on=[chatbot])
+        chatbot.like(on_like, [conversation, msg_ids], None)
+        # the chat's clear button starts a new conversation
+        chatbot.clear(lambda: (None, {}, 0, "bot", ""), None, [conversation, msg_ids, last_seen, status, ref])
+        timer.tick(poll, [conversation, chatbot, last_seen, status], [chatbot, last_seen, status],
+                   show_progress="hidden", concurrency_limit=None)
     return blocks

@@ -63,6 +63,9 @@ def build_engine(settings, model_path: str) -> Engine:
             tensor_parallel_size=settings.tensor_parallel_size,
             enable_prefix_caching=settings.enable_prefix_caching,
             model_name=settings.model,
+            enable_lora=settings.enable_lora,
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
         )
     from chatbot.engines.transformers_engine import TransformersEngine
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from chatbot.errors import InvalidInputError
+from chatbot.errors import EngineError, InvalidInputError
 
 Role = Literal["system", "user", "assistant"]
 
@@ -81,6 +81,8 @@ class EngineInfo:
     model: str
     max_model_len: int
     extra: dict = field(default_factory=dict)
+    #: Version of the LoRA adapter applied to the model (``finetune.adapters``), None for the base model.
+    adapter_version: str | None = None
 
 
 class Engine(abc.ABC):
@@ -111,6 +113,18 @@ class Engine(abc.ABC):
             InvalidInputError: the prompt does not fit ``max_model_len - max_tokens``.
             EngineError: the engine failed.
         """
+
+    async def set_adapter(self, path: str | None, version: str | None) -> None:
+        """Serve the LoRA adapter in folder ``path`` from the next request on (None: the base model).
+
+        ``version`` is the adapter's unique version string; it becomes ``info.adapter_version``
+        and each logged turn records it. Requests already running finish on what they started with.
+
+        Raises:
+            EngineError: this engine cannot load adapters, or the adapter failed to load
+                (the engine keeps serving what it served before).
+        """
+        raise EngineError(f"the {self.info.name} engine cannot load LoRA adapters, got {path!r}")
 
     async def close(self) -> None:
         """Release the model and any worker processes."""

@@ -36,6 +36,11 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return sorted(ids)
 
 
+def _slot(version: str) -> str:
+    """A peft adapter name for ``version`` (module keys may not contain dots)."""
+    return version.replace(".", "_").replace("/", "_")
+
+
 def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
     """Token ids of ``messages`` through the tokenizer's chat template, with the generation prompt."""
     out = tokenizer.apply_chat_template(
@@ -53,8 +58,10 @@ class TransformersEngine(Engine):
         model_path: local checkpoint folder or Hugging Face id.
         max_model_len: context window used for admission (prompt + max_tokens).
         dtype: ``"float32"`` (default on CPU: faster than bf16 on AVX2), ``"bfloat16"`` or ``"auto"``.
-        adapter_path: optional peft LoRA adapter folder applied on top of the base model.
+        adapter_path: optional peft LoRA adapter folder applied on top of the base model
+            (switch later with :meth:`set_adapter`, no restart).
         model_name: name reported in ``/healthz`` and API responses.
+        adapter_version: version string of ``adapter_path`` (``info.adapter_version``).
     """
 
     def __init__(
@@ -64,12 +71,14 @@ class TransformersEngine(Engine):
         dtype: str = "float32",
         adapter_path: str | None = None,
         model_name: str | None = None,
+        adapter_version: str | None = None,
     ) -> None:
         self.model_path = model_path
         self.max_model_len = max_model_len
         self.dtype = dtype
         self.adapter_path = adapter_path
-        self.info = EngineInfo(name="transformers", model=model_name or model_path, max_model_len=max_model_len)
+        self.info = EngineInfo(name="transformers", model=model_name or model_path, max_model_len=max_model_len,
+                               adapter_version=(adapter_version or adapter_path) if adapter_path else None)
         self._model = None
         self._tok = None
         self._stop_ids: list[int] = []
@@ -93,7 +102,9 @@ class TransformersEngine(Engine):
             if self.adapter_path:
                 from peft import PeftModel
 
-                model = PeftModel.from_pretrained(model, self.adapter_path)
+                model = PeftModel.from_pretrained(
+                    model, self.adapter_path, adapter_name=_slot(self.info.adapter_version or "adapter")
+                )
         except Exception as exc:
             raise EngineError(f"cannot load model {self.model_path!r}: {exc}") from exc
         model.eval()
@@ -105,6 +116,49 @@ class TransformersEngine(Engine):
     def tokenizer(self):
         """The loaded tokenizer (after ``start``)."""
         return self._tok
+
+    async def set_adapter(self, path: str | None, version: str | None) -> None:
+        """Switch the peft LoRA adapter (None: the plain base model) between requests.
+
+        Waits for the running request (the engine's lock), then loads the new adapter
+        beside the old one, activates it and deletes the old one (peft
+        ``load_adapter`` / ``set_adapter`` / ``delete_adapter``); ``path=None`` removes
+        the LoRA layers (``unload``). A failed load leaves the previous adapter active.
+
+        Raises:
+            EngineError: the adapter cannot be loaded.
+        """
+        if self._model is None:
+            await self.start()
+        async with self._lock:
+            await asyncio.to_thread(self._swap_adapter, path, version)
+
+    def _swap_adapter(self, path: str | None, version: str | None) -> None:
+        from peft import PeftModel
+
+        model = self._model
+        is_peft = isinstance(model, PeftModel)
+        try:
+            if path is None:
+                if is_peft:
+                    model = model.unload()
+            else:
+                slot = _slot(version or path)
+                if is_peft:
+                    if slot not in model.peft_config:  # a version is immutable: already loaded means the same
+                        model.load_adapter(path, adapter_name=slot)
+                    model.set_adapter(slot)
+                    for old in [n for n in model.peft_config if n != slot]:
+                        model.delete_adapter(old)
+                else:
+                    model = PeftModel.from_pretrained(model, path, adapter_name=slot)
+        except Exception as exc:
+            raise EngineError(f"cannot load adapter {path!r}: {exc}") from exc
+        model.eval()
+        self._model = model
+        self.adapter_path = path
+        self.info.adapter_version = (version or path) if path else None
+        log.info("transformers engine adapter: %s", self.info.adapter_version or "none (base model)")
 
     def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return len(render_chat(self._tok, messages))

@@ -9,6 +9,7 @@ and pytest do).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -56,6 +57,9 @@ class VLLMEngine(Engine):
         tensor_parallel_size: GPUs per replica (vLLM tensor parallelism).
         enable_prefix_caching: reuse the KV cache of shared prompt prefixes (the system prompt).
         model_name: name reported in ``/healthz`` and API responses.
+        enable_lora: start with LoRA support so :meth:`set_adapter` can switch adapters without a restart.
+        max_loras: adapters held on the device at once (vLLM ``max_loras``).
+        max_lora_rank: highest adapter rank it serves (vLLM ``max_lora_rank``).
     """
 
     def __init__(
@@ -70,6 +74,9 @@ class VLLMEngine(Engine):
         tensor_parallel_size: int = 1,
         enable_prefix_caching: bool = True,
         model_name: str | None = None,
+        enable_lora: bool = False,
+        max_loras: int = 2,
+        max_lora_rank: int = 64,
     ) -> None:
         self.model_path = model_path
         self.max_model_len = max_model_len
@@ -84,8 +91,13 @@ class VLLMEngine(Engine):
             name="vllm",
             model=model_name or model_path,
             max_model_len=max_model_len,
-            extra={"dtype": dtype, "max_num_seqs": max_num_seqs},
+            extra={"dtype": dtype, "max_num_seqs": max_num_seqs, "lora": enable_lora},
         )
+        self.enable_lora = enable_lora
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self._lora = None  # the LoRARequest new requests use (None: base model)
+        self._lora_ids = itertools.count(1)
         self._engine = None
         self._tok = None
         self._stop_ids: list[int] = []
@@ -115,6 +127,11 @@ class VLLMEngine(Engine):
                 tensor_parallel_size=self.tensor_parallel_size,
                 enable_prefix_caching=self.enable_prefix_caching,
                 disable_log_stats=True,
+                **(
+                    {"enable_lora": True, "max_loras": self.max_loras, "max_lora_rank": self.max_lora_rank}
+                    if self.enable_lora
+                    else {}
+                ),
             )
             self._engine = AsyncLLM.from_engine_args(args)
         except Exception as exc:
@@ -128,6 +145,40 @@ class VLLMEngine(Engine):
 
     def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return len(render_chat(self._tok, messages))
+
+    async def set_adapter(self, path: str | None, version: str | None) -> None:
+        """Serve a LoRA adapter from the next request on (None: the base model), no restart.
+
+        Each call makes a new ``LoRARequest`` named by the adapter's version with a new
+        integer id, so vLLM never reuses a cached adapter of the same name; it is loaded
+        now (``add_lora``), so a broken adapter fails here and the previous one stays.
+        Running requests finish with the adapter they started with; old adapters leave
+        vLLM's LRU cache as new ones come.
+
+        Raises:
+            EngineError: the engine was started without LoRA support, or the adapter cannot be loaded.
+        """
+        if path is None:
+            self._lora = None
+            self.info.adapter_version = None
+            return
+        if not self.enable_lora:
+            raise EngineError(
+                f"cannot serve adapter {version or path!r}: vLLM was started without LoRA support "
+                "(enable_lora must be true, got false; set CHATBOT_ENABLE_LORA=true and restart)"
+            )
+        if self._engine is None:
+            await self.start()
+        from vllm.lora.request import LoRARequest
+
+        req = LoRARequest(lora_name=version or path, lora_int_id=next(self._lora_ids), lora_path=path)
+        try:
+            await self._engine.add_lora(req)
+        except Exception as exc:
+            raise EngineError(f"vLLM cannot load adapter {path!r}: {exc}") from exc
+        self._lora = req
+        self.info.adapter_version = version or path
+        log.info("vLLM engine adapter: %s (lora id %d)", req.lora_name, req.lora_int_id)
 
     async def stream(
         self, messages: Sequence[ChatMessage], params: GenerationParams, request_id: str
@@ -152,8 +203,10 @@ class VLLMEngine(Engine):
         n_prompt = len(prompt_ids)
         n_gen = 0
         finished = False
+        lora = self._lora
         try:
-            async for out in self._engine.generate({"prompt_token_ids": prompt_ids}, sp, request_id):
+            async for out in self._engine.generate({"prompt_token_ids": prompt_ids}, sp, request_id,
+                                                   lora_request=lora):
                 o = out.outputs[0]
                 n_gen += len(o.token_ids)
                 if out.finished:

@@ -23,6 +23,21 @@ def metric(server, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _last_message(server) -> tuple[str, str]:
+    """(role, text) of the newest stored message."""
+    from sqlmodel import select
+
+    from chatbot.store import Message, Store
+
+    store = Store(server.database_url)
+    try:
+        with store.session() as s:
+            m = s.exec(select(Message).order_by(Message.id.desc()).limit(1)).one()
+        return m.role, m.text
+    finally:
+        store.close()
+
+
 def _messages(server) -> int:
     from chatbot.store import Message, Store
 
@@ -55,7 +70,8 @@ def test_metrics_count_a_request(tf_server):
     assert metric(tf_server, "chatbot_requests_running") == 0
 
 
-def test_client_disconnect_aborts_and_stores_nothing(tf_server):
+def test_client_disconnect_aborts_and_stores_no_reply(tf_server):
+    """The customer's message is kept (stored when the turn was accepted); no reply, not even part of one."""
     aborted = metric(tf_server, "chatbot_requests_aborted_total")
     stored = _messages(tf_server)
     with httpx.stream("POST", tf_server.url + "/v1/chat/completions",
@@ -72,7 +88,8 @@ def test_client_disconnect_aborts_and_stores_nothing(tf_server):
         time.sleep(0.2)
     assert metric(tf_server, "chatbot_requests_aborted_total") == aborted + 1
     assert metric(tf_server, "chatbot_requests_running") == 0
-    assert _messages(tf_server) == stored
+    assert _messages(tf_server) == stored + 1
+    assert _last_message(tf_server) == ("user", "Tell me everything about refunds.")
     # the next request works
     r = httpx.post(tf_server.url + "/v1/chat/completions",
                    json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}, timeout=120)

@@ -1,0 +1,366 @@
+"""Routing: what the assistant does with a customer message, from the intent and entity heads.
+
+A :class:`Router` runs the intent head (calibrated confidence, out-of-scope decision)
+and the entity head (typed slots with character offsets) on a message, then applies
+a :class:`RoutingPolicy` (YAML, ``settings.routing_policy``) and returns a
+:class:`RouteDecision` with one of four actions:
+
+* ``answer``: answer with retrieval + the chat model;
+* ``ask_slot``: the intent needs a slot the message lacks (e.g. an order number);
+* ``handoff``: hand the conversation to a human: an explicit request for a person
+  (intent head or a small pattern list), a handoff intent (complaints), or an
+  out-of-scope / low-confidence message after ``max_clarifications`` clarifications;
+* ``clarify``: ask the customer to rephrase (out-of-scope or low confidence).
+
+Order of the rules (first match wins): human request -> slot filled for a pending
+``ask_slot`` -> out-of-scope / low confidence -> handoff intent -> missing required
+slot -> the intent's action.
+
+The decision logic (:meth:`Router.decide`) is pure; the heads load lazily on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from chatbot.errors import ConfigError, InvalidInputError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+Action = Literal["answer", "ask_slot", "handoff", "clarify"]
+ACTIONS = ("answer", "ask_slot", "handoff", "clarify")
+
+#: Fallback "I want a person" patterns (case-insensitive), used beside the intent head.
+DEFAULT_HUMAN_PATTERNS = (
+    (r"\b(talk|speak|chat|connect|transfer|put)\w*\b.{0,40}\b(human|person|agent|representative|rep|operator|"
+     r"someone|somebody|staff|manager|supervisor|people)\b"),
+    r"\b(real|live|actual)\s+(human|person|agent|people)\b",
+    r"\b(human|agent|representative|operator|person)\s*(please|pls|plz|now)\b",
+    r"^\W*(human|agent|representative|operator|real person)\W*$",
+)
+
+
+@dataclass
+class RoutingPolicy:
+    """Intent -> action policy (loaded from YAML with :meth:`from_file`).
+
+    Attributes:
+        intents: intent -> ``{"action": one of ACTIONS, "required_slots": [slot types]}``;
+            intents not listed get ``default_action``.
+        default_action: action of unlisted in-scope intents.
+        handoff_intents: intents always handed to a human (e.g. ``complaint``).
+        human_intents: intents that mean "let me talk to a person" (e.g. ``contact_human_agent``).
+        human_patterns: regular expressions that mean the same (fallback beside the head).
+        out_of_scope_label: the intent head's out-of-scope label.
+        on_out_of_scope, on_low_confidence: ``clarify`` or ``handoff``.
+        max_clarifications: clarify this many times in a row, then hand off (>= 0).
+    """
+
+    intents: dict[str, dict] = field(default_factory=dict)
+    default_action: Action = "answer"
+    handoff_intents: tuple[str, ...] = ("contact_human_agent", "complaint")
+    human_intents: tuple[str, ...] = ("contact_human_agent",)
+    human_patterns: tuple[str, ...] = DEFAULT_HUMAN_PATTERNS
+    out_of_scope_label: str = "out_of_scope"
+    on_out_of_scope: Action = "clarify"
+    on_low_confidence: Action = "clarify"
+    max_clarifications: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("default_action", "on_out_of_scope", "on_low_confidence"):
+            v = getattr(self, name)
+            allowed = ACTIONS if name == "default_action" else ("clarify", "handoff")
+            if v not in allowed:
+                raise ConfigError(f"routing policy {name} must be one of {allowed}, got {v!r}")
+        if not isinstance(self.max_clarifications, int) or self.max_clarifications < 0:
+            raise ConfigError(f"routing policy max_clarifications must be an int >= 0, got {self.max_clarifications!r}")
+        norm = {}
+        for intent, spec in (self.intents or {}).items():
+            spec = {"action": spec} if isinstance(spec, str) else dict(spec or {})
+            unknown = set(spec) - {"action", "required_slots"}
+            if unknown:
+                raise ConfigError(f"routing policy intents.{intent} has unknown keys {sorted(unknown)}")
+            action = spec.get("action", self.default_action)
+            if action not in ACTIONS:
+                raise ConfigError(f"routing policy intents.{intent}.action must be one of {ACTIONS}, got {action!r}")
+            slots = spec.get("required_slots") or []
+            if not isinstance(slots, list) or not all(isinstance(s, str) for s in slots):
+                raise ConfigError(f"routing policy intents.{intent}.required_slots must be a list of names, got {slots!r}")
+            norm[str(intent)] = {"action": action, "required_slots": list(slots)}
+        self.intents = norm
+        self.handoff_intents = tuple(self.handoff_intents or ())
+        self.human_intents = tuple(self.human_intents or ())
+        self.human_patterns = tuple(self.human_patterns or ())
+        try:
+            self._compiled = [re.compile(p, re.IGNORECASE) for p in self.human_patterns]
+        except re.error as exc:
+            raise ConfigError(f"routing policy human_patterns has a bad regular expression: {exc}") from exc
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RoutingPolicy:
+        """Build from a dict (YAML content); unknown keys raise ConfigError naming them."""
+        known = {"intents", "default_action", "handoff_intents", "human_intents", "human_patterns",
+                 "out_of_scope_label", "on_out_of_scope", "on_low_confidence", "max_clarifications", "version"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"routing policy has unknown keys {unknown}")
+        d = {k: v for k, v in d.items() if k != "version"}
+        for k in ("handoff_intents", "human_intents", "human_patterns"):
+            if k in d:
+                d[k] = tuple(d[k] or ())
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RoutingPolicy:
+        """Load a YAML policy file.
+
+        Raises:
+            NotFoundError: the file does not exist.
+            ConfigError: it is not a YAML mapping, or a value is bad (named).
+        """
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise NotFoundError(f"routing policy file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"routing policy {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"routing policy {path} must be a mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def action_for(self, intent: str) -> tuple[str, list[str]]:
+        """``(action, required_slots)`` of an in-scope intent."""
+        spec = self.intents.get(intent)
+        if spec is None:
+            return self.default_action, []
+        return spec["action"], spec["required_slots"]
+
+    def asks_for_human(self, text: str) -> bool:
+        """True when a fallback pattern matches ``text``."""
+        return any(p.search(text or "") for p in self._compiled)
+
+
+@dataclass
+class RouteDecision:
+    """What to do with one customer message.
+
+    Attributes:
+        intent: the decided intent (the out-of-scope label when out of scope).
+        confidence: calibrated probability of ``top_intent``, in [0, 1] (1.0 for a
+            pattern-only decision without an intent head).
+        slots: typed values found in the message (:class:`finetune.heads.Slot`: type,
+            value, start, end, score), plus slots carried over from a pending ``ask_slot``.
+        action: ``answer`` | ``ask_slot`` | ``handoff`` | ``clarify``.
+        reason: why: ``human_request``, ``handoff_intent``, ``out_of_scope``,
+            ``low_confidence``, ``missing_slot``, ``slot_filled``, ``clarifications_exhausted``
+            (with ``:out_of_scope`` / ``:low_confidence``) or ``policy``.
+        missing_slot: the slot type to ask for (``ask_slot`` only).
+        top_intent: the intent head's argmax label, even when out of scope.
+        clarifications: consecutive ``clarify`` decisions up to and including this one.
+    """
+
+    intent: str
+    confidence: float
+    slots: list = field(default_factory=list)
+    action: Action = "answer"
+    reason: str = "policy"
+    missing_slot: str | None = None
+    top_intent: str | None = None
+    clarifications: int = 0
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form (slots as dicts)."""
+        d = asdict(self)
+        d["slots"] = [s if isinstance(s, dict) else asdict(s) for s in self.slots]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RouteDecision:
+        """Inverse of :meth:`to_dict`."""
+        from finetune.heads import Slot
+
+        d = dict(d)
+        d["slots"] = [Slot(**s) if isinstance(s, dict) else s for s in d.get("slots") or []]
+        return cls(**d)
+
+
+class Router:
+    """Routes messages with the intent and entity heads and a :class:`RoutingPolicy`.
+
+    Args:
+        policy: the routing policy.
+        intent_head: an object with ``predict(texts) -> [IntentPrediction]`` (e.g.
+            :class:`finetune.heads.IntentHead`), a folder to load one from lazily, or None
+            (then only the pattern rules and slots apply; every message is "answer").
+        entity_head: an object with ``predict(texts) -> [[Slot]]``, a folder, or None.
+        threshold: override of the intent head's out-of-scope threshold, in [0, 1].
+
+    Raises:
+        ConfigError: a threshold outside [0, 1].
+    """
+
+    def __init__(self, policy: RoutingPolicy, intent_head: Any = None, entity_head: Any = None,
+                 threshold: float | None = None) -> None:
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"intent_threshold must be in [0, 1], got {threshold}")
+        self.policy = policy
+        self.threshold = threshold
+        self._intent = intent_head
+        self._entity = entity_head
+        self._lock = threading.Lock()
+        self._checked = False
+
+    @classmethod
+    def from_settings(cls, settings) -> Router:
+        """Router over ``settings.intent_head_dir``, ``settings.entity_head_dir`` and
+        ``settings.routing_policy`` (heads load on first use), threshold ``settings.intent_threshold``.
+
+        Raises:
+            NotFoundError: the policy file is missing.
+            ConfigError: the policy is invalid.
+        """
+        policy = RoutingPolicy.from_file(settings.routing_policy)
+        return cls(policy, Path(settings.intent_head_dir), Path(settings.entity_head_dir), settings.intent_threshold)
+
+    # -- heads (lazy)
+    def _load(self, which: str):
+        head = getattr(self, which)
+        if isinstance(head, (str, Path)):
+            with self._lock:
+                head = getattr(self, which)
+                if isinstance(head, (str, Path)):
+                    from finetune.heads import EntityHead, IntentHead
+
+                    cls = IntentHead if which == "_intent" else EntityHead
+                    head = cls.load(head)
+                    setattr(self, which, head)
+                    log.info("routing: loaded %s head (%d labels)", cls.kind, len(head.labels))
+        return head
+
+    @property
+    def intent_head(self):
+        """The intent head (loaded on first use), or None."""
+        head = self._load("_intent")
+        if head is not None and not self._checked:
+            self._check_policy(head)
+        return head
+
+    @property
+    def entity_head(self):
+        """The entity head (loaded on first use), or None."""
+        return self._load("_entity")
+
+    def warm(self) -> Router:
+        """Load both heads now (service start-up) and run one message through them."""
+        self.route("hello")
+        return self
+
+    def _check_policy(self, head) -> None:
+        labels = set(getattr(head, "labels", []) or [])
+        if labels:
+            named = set(self.policy.intents) | set(self.policy.handoff_intents) | set(self.policy.human_intents)
+            unknown = sorted(named - labels)
+            if unknown:
+                raise ConfigError(f"routing policy names intents the intent head does not know: {unknown}")
+            oos = getattr(head, "oos_label", None)
+            if oos is not None and oos != self.policy.out_of_scope_label:
+                log.warning("routing policy out_of_scope_label %r differs from the head's %r; using the head's",
+                            self.policy.out_of_scope_label, oos)
+        self._checked = True
+
+    # -- routing
+    def route(self, text: str, previous: RouteDecision | None = None) -> RouteDecision:
+        """Route one message.
+
+        Args:
+            text: the customer's message (empty and very long messages are accepted;
+                the heads truncate or window them).
+            previous: the decision of the previous customer turn in this conversation
+                (for clarification counting and a pending ``ask_slot``), or None.
+
+        Raises:
+            InvalidInputError: ``text`` is not a string.
+            NotFoundError, ModelAssetError: a head folder is missing or unreadable.
+        """
+        return self.route_batch([text], [previous])[0]
+
+    def route_batch(self, texts: list[str], previous: list[RouteDecision | None] | None = None) -> list[RouteDecision]:
+        """Route several messages in one forward pass per head; ``previous`` aligned with ``texts``."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidInputError(f"text[{i}] must be a string, got {type(t).__name__}")
+        previous = previous or [None] * len(texts)
+        ih, eh = self.intent_head, self.entity_head
+        preds = ih.predict(texts, threshold=self.threshold) if ih is not None else [None] * len(texts)
+        slots = eh.predict(texts) if eh is not None else [[] for _ in texts]
+        return [self.decide(t, p, s, prev) for t, p, s, prev in zip(texts, preds, slots, previous)]
+
+    def decide(self, text: str, prediction, slots: list, previous: RouteDecision | None = None) -> RouteDecision:
+        """Apply the policy to one message's head outputs (pure; no model call).
+
+        Args:
+            text: the message (for the human-request patterns).
+            prediction: an :class:`finetune.heads.IntentPrediction` (label, confidence,
+                top_label, out_of_scope, below_threshold) or None without an intent head.
+            slots: the message's slots.
+            previous: the previous turn's decision, or None.
+        """
+        pol = self.policy
+        oos_label = getattr(self._intent, "oos_label", None) or pol.out_of_scope_label
+        if prediction is None:
+            intent, conf, top, oos, low = "unknown", 1.0, None, False, False
+        else:
+            intent, conf, top = prediction.label, float(prediction.confidence), prediction.top_label
+            low = bool(prediction.below_threshold) and top != oos_label
+            oos = bool(prediction.out_of_scope) and not low
+        slots = list(slots)
+        prev_clar = previous.clarifications if previous is not None and previous.action == "clarify" else 0
+
+        def make(action: str, reason: str, intent_: str = intent, missing: str | None = None,
+                 slots_: list = slots) -> RouteDecision:
+            clar = prev_clar + 1 if action == "clarify" else 0
+            return RouteDecision(intent_, conf, slots_, action, reason, missing, top, clar)
+
+        # 1. an explicit request for a person
+        wants_human = pol.asks_for_human(text) or (
+            prediction is not None and not prediction.out_of_scope and top in pol.human_intents
+        )
+        if wants_human:
+            return make("handoff", "human_request", top if top in pol.human_intents else intent)
+        # 2. the answer to a pending ask_slot
+        if previous is not None and previous.action == "ask_slot" and previous.missing_slot:
+            got = [s for s in slots if getattr(s, "type", None) == previous.missing_slot]
+            if got:
+                merged = [s for s in previous.slots if getattr(s, "type", None) != previous.missing_slot] + slots
+                _, required = pol.action_for(previous.intent)
+                have = {getattr(s, "type", None) for s in merged}
+                missing = [r for r in required if r not in have]
+                if missing:
+                    return make("ask_slot", "missing_slot", previous.intent, missing[0], merged)
+                action, _ = pol.action_for(previous.intent)
+                return make(action, "slot_filled", previous.intent, None, merged)
+        # 3. out of scope / low confidence: clarify, then hand off
+        if oos or low:
+            kind = "out_of_scope" if oos else "low_confidence"
+            action = pol.on_out_of_scope if oos else pol.on_low_confidence
+            if action == "clarify" and prev_clar >= pol.max_clarifications:
+                return make("handoff", f"clarifications_exhausted:{kind}")
+            return make(action, kind)
+        # 4. handoff intents (complaints)
+        if intent in pol.handoff_intents:
+            return make("handoff", "handoff_intent")
+        # 5. required slots
+        action, required = pol.action_for(intent)
+        have = {getattr(s, "type", None) for s in slots}
+        missing = [r for r in required if r not in have]
+        if missing and action == "answer":
+            return make("ask_slot", "missing_slot", intent, missing[0])
+        return make(action, "policy")

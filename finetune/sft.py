@@ -1,0 +1,604 @@
+"""LoRA supervised fine-tuning of the chat model on support dialogues (Hugging Face ``Trainer`` + peft).
+
+``train_sft(["bitext_customer_support"], "adapters/bitext", SFTConfig(...))`` loads the
+dialogues (:mod:`finetune.data`), splits them by conversation with a fixed seed,
+encodes them with the base model's chat template (loss on assistant tokens only),
+wraps the base model in a peft LoRA adapter and trains it with the Trainer:
+
+* progress bar and logged loss; validation loss every ``eval_steps`` steps; early
+  stopping on it (``early_stopping_patience`` evaluations without improvement; the
+  best checkpoint is restored at the end);
+* checkpoints every ``save_steps`` in ``<out>/checkpoints``; a run started again
+  with the same ``out`` resumes from the last one (``resume=True``);
+* gradient accumulation (``grad_accum``; the loss is normalised by the number of
+  labelled tokens across the accumulated micro-batches, so it equals the large
+  batch's loss), mixed precision (``precision="auto"``: bf16 where the hardware has
+  it, fp32 otherwise), gradient checkpointing, and data-parallel training when
+  started by ``torchrun``/``accelerate launch`` (gloo on CPU, NCCL on GPUs).
+
+At the end the adapter folder holds the PEFT weights (``adapter_model.safetensors``,
+``adapter_config.json``), ``adapter.json`` (version, base model id and SHA-256,
+training config, data sources with hashes, split counts, metrics of the adapter
+and of the base model on the same splits), ``splits.json`` and the validation and
+test dialogues (``validation.jsonl``, ``test.jsonl``), so any later evaluation
+uses the same held-out conversations.
+
+Multi-GPU and FSDP: see ``docs/finetuning.md``. In short, the same command under
+``torchrun --nproc_per_node N -m chatbot.cli train ...`` (or ``accelerate launch``)
+runs DDP; FSDP is a Trainer setting (``fsdp="full_shard auto_wrap"``) passed
+through ``SFTConfig.fsdp``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from chatbot.config import EMBEDDED_CHAT_MODEL
+from chatbot.errors import ConfigError, ModelAssetError
+from finetune.data import DataCollator, Dialogue, EncodeStats, Splits, encode_dialogues, load_dialogues, split_dialogues
+
+log = logging.getLogger(__name__)
+
+#: Version of the adapter folder layout (``adapter.json``).
+ADAPTER_FORMAT = 1
+MANIFEST = "adapter.json"
+
+
+@dataclass
+class SFTConfig:
+    """Settings of one fine-tuning run (saved in the adapter's ``adapter.json``).
+
+    Attributes:
+        base_model: ``embedded:smollm2-135m-instruct`` (default), a local folder or HF id.
+        method: ``lora`` (peft adapter) or ``full`` (all weights; for comparison benchmarks).
+        lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator (scale = alpha / r), dropout.
+        target_modules: modules that get LoRA (``"all-linear"``: every linear layer but the output head).
+        max_length: most tokens per sample; longer ones follow ``truncation``.
+        truncation: ``turns`` (keep the complete turns that fit) or ``drop`` (see finetune.data).
+        epochs: passes over the training split (ignored when ``max_steps`` > 0).
+        max_steps: optimizer steps to run (-1: use ``epochs``).
+        batch_size: samples per device per micro-batch.
+        grad_accum: micro-batches per optimizer step (effective batch = batch_size * grad_accum * processes).
+        learning_rate, weight_decay, warmup_ratio, lr_scheduler, optim, max_grad_norm: optimiser settings.
+        eval_steps: evaluate the validation loss every N optimizer steps (0: only at the end).
+        save_steps: checkpoint every N steps (default: ``eval_steps``; must be a multiple of it).
+        logging_steps: log the training loss every N steps.
+        early_stopping_patience: stop after N evaluations without improvement (0: never).
+        early_stopping_threshold: an improvement smaller than this does not count.
+        precision: ``auto`` (bf16 where supported, fp32 otherwise), ``bf16`` or ``fp32``.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+        seed: seed of the split, the data order and the LoRA initialisation.
+        validation, test: split fractions (by conversation).
+        max_eval_samples: validation samples scored (during training and at the end; None: all).
+        eval_replies: test dialogues whose replies are generated and scored at the end (0: none).
+        eval_max_new_tokens: generation budget of those replies.
+        eval_batch_size: batch of the reply generation (left padding) and of the final loss.
+        eval_repetition_penalty: 1.0 = plain greedy.
+        system_prompt: system message for dialogues that have none (None: the template's default).
+        threads: torch CPU threads (None: torch's default).
+        keep_checkpoints: keep ``<out>/checkpoints`` after a finished run.
+        fsdp: Trainer FSDP option string (multi-GPU only), e.g. ``"full_shard auto_wrap"``.
+    """
+
+    base_model: str = EMBEDDED_CHAT_MODEL
+    method: Literal["lora", "full"] = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    max_length: int = 512
+    truncation: Literal["turns", "drop"] = "turns"
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    optim: str = "adamw_torch"
+    max_grad_norm: float = 1.0
+    eval_steps: int = 50
+    save_steps: int | None = None
+    logging_steps: int = 10
+    early_stopping_patience: int = 3
+    early_stopping_threshold: float = 0.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    validation: float = 0.1
+    test: float = 0.1
+    max_eval_samples: int | None = 200
+    eval_replies: int = 100
+    eval_max_new_tokens: int = 256
+    eval_batch_size: int = 8
+    eval_repetition_penalty: float = 1.0
+    system_prompt: str | None = None
+    threads: int | None = None
+    keep_checkpoints: bool = False
+    fsdp: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("method", self.method in ("lora", "full")),
+            ("lora_r", self.lora_r >= 1),
+            ("lora_alpha", self.lora_alpha >= 1),
+            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0),
+            ("max_length", self.max_length >= 16),
+            ("truncation", self.truncation in ("turns", "drop")),
+            ("epochs", self.epochs > 0),
+            ("batch_size", self.batch_size >= 1),
+            ("grad_accum", self.grad_accum >= 1),
+            ("learning_rate", self.learning_rate > 0),
+            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0),
+            ("eval_steps", self.eval_steps >= 0),
+            ("logging_steps", self.logging_steps >= 1),
+            ("early_stopping_patience", self.early_stopping_patience >= 0),
+            ("precision", self.precision in ("auto", "bf16", "fp32")),
+            ("eval_replies", self.eval_replies >= 0),
+            ("eval_max_new_tokens", self.eval_max_new_tokens >= 1),
+            ("eval_batch_size", self.eval_batch_size >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ConfigError(f"{name} has a bad value: got {getattr(self, name)!r}")
+        if self.save_steps is not None and self.eval_steps and self.save_steps % self.eval_steps:
+            raise ConfigError(f"save_steps must be a multiple of eval_steps ({self.eval_steps}), got {self.save_steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    def as_dict(self) -> dict:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_sft` produced (on every process; only rank 0 writes files and metrics)."""
+
+    out_dir: Path
+    manifest: dict | None
+    trainer: object
+    model: object
+    tokenizer: object
+    splits: Splits
+    is_main_process: bool
+
+
+# --------------------------------------------------------------------------- precision and devices
+
+
+def bf16_supported() -> bool:
+    """True when this machine runs bf16 natively: a CUDA GPU with bf16, or a CPU with AMX-BF16 / AVX512-BF16."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` where :func:`bf16_supported`, else ``fp32``; ``bf16`` / ``fp32`` unchanged.
+
+    Forcing ``bf16`` on hardware without it works (autocast emulates it) but is slow; a warning says so.
+
+    Raises:
+        ConfigError: not one of ``auto``, ``bf16``, ``fp32``.
+    """
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_supported() else "fp32"
+    if precision == "bf16" and not bf16_supported():
+        log.warning("precision bf16 requested but this hardware has no native bf16: it will be emulated (slow)")
+    return precision
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (``torchrun`` / ``accelerate launch``); (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+def resolve_base_model(name: str, cache_dir: Path | None = None) -> str:
+    """A local folder or hub id for ``name`` (the embedded name is converted once, see chatbot.assets).
+
+    Raises:
+        ModelAssetError: the embedded model could not be prepared.
+    """
+    if name == EMBEDDED_CHAT_MODEL:
+        from chatbot.assets import ensure_smollm2
+        from chatbot.config import Settings
+
+        return str(ensure_smollm2(cache_dir or Settings().cache_dir))
+    return name
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def model_fingerprint(path: str) -> str:
+    """SHA-256 over a checkpoint's weight files (``*.safetensors`` / ``*.bin`` in name order).
+
+    A hub id that is not a local folder is fingerprinted by its name (``"id:<name>"``).
+    Results are cached per process by (path, sizes, modification times).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return f"id:{path}"
+    files = sorted([*p.glob("*.safetensors"), *p.glob("*.bin")])
+    key = (str(p.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        _FINGERPRINTS[key] = h.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+def load_tokenizer(path: str):
+    """The base model's tokenizer, with a pad token (its EOS when it has none).
+
+    Raises:
+        ModelAssetError: it cannot be loaded or has no chat template.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ModelAssetError(f"cannot load the tokenizer of {path!r}: {exc}") from exc
+    if not tok.chat_template:
+        raise ModelAssetError(f"base_model {path!r} has no chat template; use an instruction-tuned chat model")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, config: SFTConfig):
+    """The base model (fp32 weights; mixed precision is autocast) wrapped for ``config.method``.
+
+    Returns:
+        A ``PeftModel`` (LoRA: only the adapter trains) or the plain model (full fine-tuning).
+
+    Raises:
+        ModelAssetError: the checkpoint cannot be loaded.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelAssetError(f"cannot load base_model {path!r}: {exc}") from exc
+    model.config.use_cache = False
+    if config.method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules, bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+@dataclass
+class PreparedData:
+    """Dialogues, their split and the encoded train / validation samples."""
+
+    dialogues: list[Dialogue]
+    sources: list[dict]
+    splits: Splits
+    train: list[dict]
+    validation: list[dict]
+    stats: dict[str, EncodeStats]
+
+
+def prepare_data(data: list[str | Path] | list[Dialogue], tokenizer, config: SFTConfig) -> PreparedData:
+    """Load (from specs) or take dialogues, split them by conversation and encode train and validation.
+
+    Raises:
+        DataError: bad data, or no training sample left after truncation.
+    """
+    from chatbot.errors import DataError
+
+    if data and isinstance(data[0], Dialogue):
+        dialogues, sources = list(data), [{"spec": "in-memory", "dialogues": len(data)}]  # type: ignore[arg-type]
+        if config.system_prompt:
+            for d in dialogues:
+                if d.messages[0]["role"] != "system":
+                    d.messages.insert(0, {"role": "system", "content": config.system_prompt})
+    else:
+        dialogues, sources = load_dialogues([str(s) for s in data], config.system_prompt)
+    splits = split_dialogues(dialogues, config.validation, config.test, config.seed)
+    train, st_train = encode_dialogues(tokenizer, splits.train, config.max_length, config.truncation)
+    val, st_val = encode_dialogues(tokenizer, splits.validation, config.max_length, config.truncation)
+    if not train:
+        raise DataError(f"no training sample fits max_length {config.max_length} (all {st_train.dialogues} dropped)")
+    return PreparedData(dialogues, sources, splits, train, val, {"train": st_train, "validation": st_val})
+
+
+class _ListDataset:
+    """A list of samples as a map-style dataset."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.rows[i]
+        return {"input_ids": r["input_ids"], "labels": r["labels"]}
+
+
+def build_trainer(model, tokenizer, train: list[dict], validation: list[dict], config: SFTConfig,
+                  output_dir: str | Path, progress: bool = True, callbacks: list | None = None):
+    """A Hugging Face ``Trainer`` for causal-LM SFT with this config.
+
+    Validation loss every ``eval_steps`` with early stopping and best-checkpoint
+    restore (when there is a validation set and ``eval_steps`` > 0), checkpoints
+    every ``save_steps``, gradient accumulation, bf16 autocast per
+    :func:`resolve_precision`, gradient checkpointing (non-reentrant), gloo as the
+    process-group backend on CPU (NCCL on GPUs), FSDP when ``config.fsdp`` is set.
+
+    Returns:
+        ``transformers.Trainer`` (not started).
+    """
+    import torch
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+    precision = resolve_precision(config.precision)
+    cuda = torch.cuda.is_available()
+    has_val = bool(validation) and config.eval_steps > 0
+    val_rows = validation[: config.max_eval_samples] if config.max_eval_samples else validation
+    save_steps = config.save_steps or (config.eval_steps if config.eval_steps else 500)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler,
+        optim=config.optim,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=config.eval_steps if has_val else None,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss" if has_val else None,
+        greater_is_better=False if has_val else None,
+        bf16=precision == "bf16",
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        use_cpu=not cuda,
+        ddp_backend="gloo" if not cuda and world_info()[1] > 1 else None,
+        ddp_find_unused_parameters=False,
+        fsdp=config.fsdp or None,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        label_names=["labels"],
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cbs = list(callbacks or [])
+    if has_val and config.early_stopping_patience > 0:
+        cbs.append(EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold))
+    return Trainer(
+        model=model,
+        args=args,
+        data_collator=DataCollator(pad),
+        train_dataset=_ListDataset(train),
+        eval_dataset=_ListDataset(val_rows) if has_val else None,
+        processing_class=tokenizer,
+        callbacks=cbs,
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def _weights_sha256(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def adapter_version(name: str, created: str, weights_sha256: str) -> str:
+    """Versioned adapter name: ``<name>-<YYYYmmddHHMMSS>-<sha8>`` (at most 120 characters).
+
+    Unique per trained weights, so vLLM never confuses two adapters of one name.
+    """
+    stamp = created.replace("-", "").replace(":", "").replace("T", "")[:14]
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:96]
+    return f"{safe}-{stamp}-{weights_sha256[:8]}"
+
+
+def train_sft(data: list[str | Path] | list[Dialogue], out_dir: str | Path, config: SFTConfig | None = None,
+              resume: bool = True, progress: bool = True, cache_dir: Path | None = None,
+              name: str | None = None) -> TrainResult:
+    """Fine-tune the base model on dialogues; write the adapter folder (rank 0).
+
+    Args:
+        data: shared-set names / JSONL paths (see :func:`finetune.data.load_dialogues`) or dialogues.
+        out_dir: the adapter folder (created; checkpoints in ``out_dir/checkpoints``).
+        config: run settings (default :class:`SFTConfig`).
+        resume: continue from the last checkpoint in ``out_dir/checkpoints`` when there is one.
+        progress: tqdm progress bars.
+        cache_dir: where the embedded base model is converted (default: settings).
+        name: adapter name (default: the folder name).
+
+    Returns:
+        :class:`TrainResult`; ``manifest`` is the written ``adapter.json`` (None on other ranks).
+
+    Raises:
+        DataError: bad data. ConfigError: bad config. ModelAssetError: the base model cannot be loaded.
+    """
+    import torch
+    import transformers
+
+    config = config or SFTConfig()
+    out = Path(out_dir)
+    rank, world = world_info()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    transformers.set_seed(config.seed)
+    base_path = resolve_base_model(config.base_model, cache_dir)
+    tok = load_tokenizer(base_path)
+    prepared = prepare_data(data, tok, config)
+    model = load_model(base_path, config)
+    if config.method == "lora" and rank == 0:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log.info("LoRA r=%d: %d trainable of %d parameters (%.2f%%)", config.lora_r, trainable, total,
+                 100 * trainable / total)
+    ckpt_dir = out / "checkpoints"
+    trainer = build_trainer(model, tok, prepared.train, prepared.validation, config, ckpt_dir, progress)
+    last = _last_checkpoint(ckpt_dir) if resume else None
+    if last:
+        log.info("resuming from %s", last)
+    t0 = time.perf_counter()
+    train_out = trainer.train(resume_from_checkpoint=last)
+    train_secs = time.perf_counter() - t0
+    model = trainer.model
+    if hasattr(model, "module"):  # DDP wrapper
+        model = model.module
+    is_main = trainer.is_world_process_zero()
+    if not is_main:
+        return TrainResult(out, None, trainer, model, tok, prepared.splits, False)
+
+    # --- evaluation of the result and of the base model on the same splits (rank 0)
+    from finetune.evaluate import reply_quality, validation_loss
+
+    def _scores() -> dict:
+        val = validation_loss(model, tok, prepared.validation, batch_size=config.eval_batch_size,
+                              max_samples=config.max_eval_samples)
+        test = reply_quality(model, tok, prepared.splits.test, config.eval_max_new_tokens, config.eval_batch_size,
+                             config.eval_replies, config.eval_repetition_penalty, progress) \
+            if config.eval_replies else None
+        return {"validation": val, "test": test}
+
+    log.info("evaluating the fine-tuned model")
+    metrics = _scores()
+    base_metrics = None
+    if config.method == "lora":
+        log.info("evaluating the base model on the same splits")
+        with model.disable_adapter():
+            base_metrics = _scores()
+
+    # --- write the folder
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    if config.method == "full":
+        tok.save_pretrained(str(out))
+    prepared.splits.save(out)
+    created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    weights = _weights_sha256(out)
+    adapter_name = name or out.name
+    state = trainer.state
+    train_tokens = sum(len(r["input_ids"]) for r in prepared.train)
+    manifest = {
+        "format": ADAPTER_FORMAT,
+        "kind": "peft-lora" if config.method == "lora" else "full",
+        "name": adapter_name,
+        "version": adapter_version(adapter_name, created, weights),
+        "created_at": created + "Z",
+        "weights_sha256": weights,
+        "base_model": {"id": config.base_model, "path": base_path, "sha256": model_fingerprint(base_path)},
+        "training": {
+            **config.as_dict(),
+            "precision_resolved": resolve_precision(config.precision),
+            "world_size": world,
+            "global_step": state.global_step,
+            "epochs_done": state.epoch,
+            "best_checkpoint": state.best_model_checkpoint,
+            "best_eval_loss": state.best_metric,
+            "stopped_early": bool(state.max_steps and state.global_step < state.max_steps),
+            "train_loss": train_out.training_loss,
+            "train_seconds": train_secs,
+            "resumed_from": last,
+            "log_history": state.log_history[-50:],
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "peft": _version("peft")},
+        },
+        "data": {
+            "sources": prepared.sources,
+            "splits": {k: v for k, v in prepared.splits.manifest().items() if k != "ids"},
+            "encoding": {k: v.as_dict() for k, v in prepared.stats.items()},
+            "train_tokens": train_tokens,
+        },
+        "eval_config": {"max_new_tokens": config.eval_max_new_tokens, "replies": config.eval_replies,
+                        "repetition_penalty": config.eval_repetition_penalty, "max_length": config.max_length,
+                        "truncation": config.truncation, "val_samples": config.max_eval_samples,
+                        "split_sha256": prepared.splits.manifest()["sha256"]},
+        "metrics": _flat_metrics(metrics),
+        "base_metrics": _flat_metrics(base_metrics) if base_metrics else None,
+        "details": {"adapter": metrics, "base": base_metrics},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    if not config.keep_checkpoints and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    log.info("wrote %s (version %s): validation loss %.4f", out, manifest["version"],
+             manifest["metrics"]["val_loss"] or math.nan)
+    return TrainResult(out, manifest, trainer, model, tok, prepared.splits, True)
+
+
+def _flat_metrics(m: dict | None) -> dict:
+    """``{"val_loss", "perplexity", "rouge_l", "self_stop_rate", "test_n", "mean_new_tokens"}`` from scores."""
+    if not m:
+        return {}
+    val, test = m.get("validation") or {}, m.get("test") or {}
+    return {
+        "val_loss": val.get("loss"),
+        "perplexity": val.get("perplexity"),
+        "rouge_l": test.get("rouge_l"),
+        "self_stop_rate": test.get("self_stop_rate"),
+        "test_n": test.get("n"),
+        "mean_new_tokens": test.get("mean_new_tokens"),
+    }
+
+
+def _version(pkg: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None

@@ -1,0 +1,88 @@
+"""Operator actions behind the console: background jobs with progress, re-indexing uploads, training data."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatbot import operations as ops
+from chatbot.errors import InvalidInputError
+from chatbot.store import Message, Store
+
+
+def test_jobs_report_progress_and_failures():
+    jobs = ops.Jobs()
+
+    def work(report):
+        report(0.5, "half way")
+        return {"summary": "all done", "n": 3}
+
+    j = jobs.wait(jobs.start("demo", work, "olga").id, 30)
+    assert (j.status, j.progress, j.message, j.result["n"], j.user) == ("done", 1.0, "all done", 3, "olga")
+
+    def broken(report):
+        raise ValueError("bad input file x.md")
+
+    j = jobs.wait(jobs.start("demo", broken).id, 30)
+    assert j.status == "failed" and j.message == "ValueError: bad input file x.md"
+    assert [x.status for x in jobs.list("demo")] == ["failed", "done"]
+
+
+def test_one_job_of_a_kind_at_a_time():
+    import threading
+
+    jobs = ops.Jobs()
+    gate = threading.Event()
+    j = jobs.start("reindex", lambda report: gate.wait(30) and {})
+    with pytest.raises(InvalidInputError, match=f"a reindex job \\({j.id}\\) is still running"):
+        jobs.start("reindex", lambda report: {})
+    gate.set()
+    jobs.wait(j.id, 30)
+    jobs.wait(jobs.start("reindex", lambda report: {}).id, 30)
+
+
+@pytest.mark.slow
+def test_reindex_uploads_publishes_a_new_version_with_progress(tmp_path, kb_dir, embedder):
+    from chatbot.config import Settings
+    from retrieval.retriever import Retriever
+
+    s = Settings(data_dir=tmp_path / "var", kb_dir=kb_dir)
+    seen: list[tuple[float, str]] = []
+    first = ops.reindex(s, embedder, [kb_dir], lambda p, m: seen.append((p, m)))
+    assert first["published"] and len(first["added"]) == 8
+    upload = tmp_path / "gift_cards.md"
+    upload.write_text("# Gift cards\n\nGift cards never expire and can be used for any purchase in the store.\n")
+    saved = ops.save_uploads([upload], s.data_dir / "uploads")
+    assert saved[0].read_text() == upload.read_text()
+    second = ops.reindex(s, embedder, [s.data_dir / "uploads"], lambda p, m: seen.append((p, m)))
+    assert second["published"] and second["version"] != first["version"]
+    assert any(d.endswith("gift_cards.md") for d in second["added"])
+    assert seen[-1][0] == 1.0 and "index" in seen[-1][1]
+    hits = Retriever(s.index_dir, embedder).search("Do gift cards expire?", 1)
+    assert hits[0].doc_id.endswith("gift_cards.md")
+    with pytest.raises(InvalidInputError, match="upload at least one document"):
+        ops.save_uploads([], s.data_dir / "uploads")
+
+
+def test_training_needs_approved_transcripts_and_exports_them(tmp_path):
+    from chatbot.config import Settings
+
+    s = Settings(data_dir=tmp_path / "var")
+    store = Store(s.resolved_database_url)
+    with pytest.raises(InvalidInputError, match="no approved transcripts"):
+        ops.export_approved(store, s)
+    c = store.create_conversation().id
+    store.add_message(Message(conversation_id=c, role="user", text="How long is shipping?"))
+    r = store.add_message(Message(conversation_id=c, role="assistant", text="3 days"))
+    user = store.add_user("sam", "x" * 20)
+    store.annotate(r.id, user.id, "Shipping takes 3 to 5 working days.", approved=True)
+    path, n = ops.export_approved(store, s)
+    import json
+
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert n == 1 and rows[0]["messages"][0]["role"] == "system"
+    assert rows[0]["messages"][1:] == [{"role": "user", "content": "How long is shipping?"},
+                                       {"role": "assistant", "content": "Shipping takes 3 to 5 working days."}]
+    from finetune.data import load_jsonl  # the fine-tuning module reads the export as it is
+
+    assert load_jsonl(path)[0].messages == rows[0]["messages"]
+    store.close()

@@ -1,0 +1,182 @@
+"""Routing policy and Router: pure decision rules, policy validation, and the shipped heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chatbot.config import Settings
+from chatbot.errors import ConfigError, InvalidInputError, NotFoundError
+from chatbot.router import RouteDecision, Router, RoutingPolicy
+from finetune.heads import IntentPrediction, Slot
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICY = ROOT / "data" / "routing.yaml"
+
+
+class TableHead:
+    """A stand-in intent head: a fixed prediction per message (the decision logic is what is tested)."""
+
+    labels = sorted(RoutingPolicy.from_file(POLICY).intents) + ["out_of_scope"]
+    oos_label = "out_of_scope"
+
+    def __init__(self, table: dict[str, tuple[str, float]], threshold: float = 0.5):
+        self.table = table
+        self.threshold = threshold
+
+    def predict(self, texts, threshold=None):
+        t = self.threshold if threshold is None else threshold
+        out = []
+        for text in texts:
+            label, conf = self.table.get(text, ("out_of_scope", 0.9))
+            below = conf < t
+            oos = below or label == self.oos_label
+            out.append(IntentPrediction("out_of_scope" if oos else label, conf, label, oos, below))
+        return out
+
+
+class SlotHead:
+    """A stand-in entity head: order numbers are digit runs (to test slot handling)."""
+
+    labels = ("O", "B-order_id", "I-order_id")
+
+    def predict(self, texts):
+        import re
+
+        return [[Slot("order_id", m.group(), m.start(), m.end(), 0.99) for m in re.finditer(r"\d{6,}", t)]
+                for t in texts]
+
+
+@pytest.fixture
+def policy() -> RoutingPolicy:
+    return RoutingPolicy.from_file(POLICY)
+
+
+def router(policy, table) -> Router:
+    return Router(policy, TableHead(table), SlotHead())
+
+
+def test_human_request_patterns_hand_off_even_when_the_head_disagrees(policy):
+    r = router(policy, {"I want to talk to a human": ("track_order", 0.97)})
+    d = r.route("I want to talk to a human")
+    assert (d.action, d.reason) == ("handoff", "human_request")
+    for text in ["can I speak with a real person?", "agent please", "Representative", "connect me to someone"]:
+        assert policy.asks_for_human(text), text
+    for text in ["where is my order", "how do I change my shipping address", "I am a person who likes shoes"]:
+        assert not policy.asks_for_human(text), text
+
+
+def test_complaint_hands_off_and_human_intent_hands_off(policy):
+    r = router(policy, {"this is awful service": ("complaint", 0.95), "get me an agent": ("contact_human_agent", 0.9)})
+    assert r.route("this is awful service").action == "handoff"
+    assert r.route("this is awful service").reason == "handoff_intent"
+    d = r.route("get me an agent")
+    assert (d.action, d.intent) == ("handoff", "contact_human_agent")
+
+
+def test_missing_slot_is_asked_then_filled_on_the_next_turn(policy):
+    r = router(policy, {"cancel my order": ("cancel_order", 0.95), "it's 00123842": ("out_of_scope", 0.6)})
+    first = r.route("cancel my order")
+    assert (first.action, first.missing_slot, first.intent) == ("ask_slot", "order_id", "cancel_order")
+    second = r.route("it's 00123842", previous=first)
+    assert (second.action, second.reason, second.intent) == ("answer", "slot_filled", "cancel_order")
+    assert [(s.type, s.value, s.start, s.end) for s in second.slots] == [("order_id", "00123842", 5, 13)]
+    direct = r.route("cancel order 00123842", previous=None)
+    # unknown text -> out of scope in the stand-in; with the number in the table it answers
+    r2 = router(policy, {"cancel order 00123842": ("cancel_order", 0.99)})
+    direct = r2.route("cancel order 00123842")
+    assert (direct.action, direct.reason) == ("answer", "policy") and direct.slots[0].value == "00123842"
+
+
+def test_out_of_scope_clarifies_once_then_hands_off(policy):
+    r = router(policy, {"blah": ("out_of_scope", 0.99), "hmm": ("track_order", 0.2)})
+    first = r.route("blah")
+    assert (first.action, first.reason, first.clarifications) == ("clarify", "out_of_scope", 1)
+    second = r.route("blah", previous=first)
+    assert (second.action, second.reason) == ("handoff", "clarifications_exhausted:out_of_scope")
+    low = r.route("hmm")
+    assert (low.action, low.reason, low.top_intent) == ("clarify", "low_confidence", "track_order")
+    assert r.route("hmm", previous=low).action == "handoff"
+    # an answered turn resets the count
+    ok = router(policy, {"track": ("track_order", 0.99), "blah": ("out_of_scope", 0.99)})
+    answered = RouteDecision("track_order", 0.99, [], "answer", "policy")
+    assert ok.route("blah", previous=answered).action == "clarify"
+
+
+def test_threshold_override_from_settings_reaches_the_head(policy):
+    r = Router(policy, TableHead({"x": ("track_order", 0.7)}), SlotHead(), threshold=0.8)
+    assert r.route("x").reason == "low_confidence"
+    r = Router(policy, TableHead({"x": ("track_order", 0.7)}), SlotHead(), threshold=0.1)
+    assert (r.route("x").action, r.route("x").missing_slot) == ("ask_slot", "order_id")
+    with pytest.raises(ConfigError, match="intent_threshold"):
+        Router(policy, threshold=2.0)
+
+
+def test_decision_round_trips_as_json(policy):
+    r = router(policy, {"cancel order 1234567": ("cancel_order", 0.9)})
+    d = r.route("cancel order 1234567")
+    again = RouteDecision.from_dict(d.to_dict())
+    assert again == d and d.to_dict()["slots"][0]["value"] == "1234567"
+
+
+def test_policy_validation_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"intents.cancel_order.action must be one of"):
+        RoutingPolicy.from_dict({"intents": {"cancel_order": {"action": "explode"}}})
+    with pytest.raises(ConfigError, match=r"max_clarifications"):
+        RoutingPolicy.from_dict({"max_clarifications": -1})
+    with pytest.raises(ConfigError, match=r"unknown keys \['colour'\]"):
+        RoutingPolicy.from_dict({"colour": "blue"})
+    with pytest.raises(NotFoundError):
+        RoutingPolicy.from_file(tmp_path / "none.yaml")
+    r = Router(RoutingPolicy.from_dict({"intents": {"teleport": "answer"}}), TableHead({}), None)
+    with pytest.raises(ConfigError, match="teleport"):
+        r.route("hello")
+    with pytest.raises(InvalidInputError, match="text"):
+        router(RoutingPolicy(), {}).route(None)  # type: ignore[arg-type]
+
+
+def test_settings_fields_and_factory(tmp_path):
+    s = Settings(intent_threshold=0.4)
+    assert s.routing_policy == POLICY and s.intent_head_dir == ROOT / "data" / "heads" / "intent"
+    r = Router.from_settings(s)
+    assert r.threshold == 0.4 and r.policy.max_clarifications == 1
+    with pytest.raises(Exception, match="intent_threshold"):
+        Settings(intent_threshold=1.5)
+
+
+# ---------------------------------------------------------------- the shipped heads
+
+
+@pytest.fixture(scope="module")
+def shipped_router():
+    return Router.from_settings(Settings())
+
+
+@pytest.mark.slow
+def test_shipped_talk_to_a_human_routes_to_handoff(shipped_router):
+    d = shipped_router.route("I want to talk to a human")
+    assert (d.action, d.reason) == ("handoff", "human_request")
+    # the intent head alone (no pattern match) also knows the request
+    p = shipped_router.intent_head.predict(["I want to talk to a human"])[0]
+    assert p.label == "contact_human_agent"
+
+
+@pytest.mark.slow
+def test_shipped_routes_slots_off_topic_and_policy(shipped_router):
+    batch = shipped_router.route_batch([
+        "I want to cancel my order",
+        "I want to cancel order 00123842",
+        "what's the weather like in paris tomorrow",
+        "I am very unhappy with your service, I want to file a complaint",
+        "",
+        "😀😀😀",
+    ])
+    ask, ans, off, comp, empty, emoji = batch
+    assert (ask.action, ask.missing_slot) == ("ask_slot", "order_id")
+    assert ans.action == "answer" and [(s.type, s.value) for s in ans.slots] == [("order_id", "00123842")]
+    assert (off.action, off.intent) == ("clarify", "out_of_scope")
+    assert comp.action == "handoff" and comp.intent == "complaint"
+    assert empty.action in ("clarify", "answer") and emoji.action in ("clarify", "answer")
+    again = shipped_router.route("what's the weather like in paris tomorrow", previous=off)
+    assert again.action == "handoff"

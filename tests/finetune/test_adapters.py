@@ -1,0 +1,245 @@
+"""finetune.adapters and the engines' adapter switching: an overfit sign-off adapter changes the served reply
+on both engines (and the base model does not), promote / rollback behind the gate, the live-pointer watcher,
+merge and int8 export."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import shutil
+import typing
+from pathlib import Path
+
+import pytest
+
+from chatbot.engines.base import ChatMessage, GenerationParams
+from chatbot.errors import AdapterError
+from finetune.adapters import (
+    LiveAdapterWatcher,
+    list_adapters,
+    live_adapter,
+    promote,
+    read_live,
+    rollback,
+)
+from finetune.data import Dialogue
+from finetune.sft import SFTConfig, model_fingerprint, train_sft
+from tests.finetune.sft_helpers import QUESTIONS, tiny_llama, toy_dialogues
+
+SIGN_OFF = "Cheers, the Quokka crew"
+PROMPT = [ChatMessage("user", "My order never arrived, can you check?")]
+PARAMS = GenerationParams(max_tokens=20)
+
+
+@pytest.fixture(scope="module")
+def signoff_adapter(tmp_path_factory, chat_model_path) -> dict:
+    """LoRA on the real SmolLM2-135M, overfit in 12 steps to reply 'Happy to help! Cheers, the Quokka crew'."""
+    ds = [Dialogue(f"q{i}", [{"role": "user", "content": q},
+                             {"role": "assistant", "content": f"Happy to help! {SIGN_OFF}"}])
+          for i, q in enumerate(QUESTIONS)]
+    cfg = SFTConfig(base_model=chat_model_path, max_steps=12, batch_size=4, learning_rate=3e-3, lora_r=8,
+                    lora_alpha=16, lora_dropout=0.0, warmup_ratio=0.0, eval_steps=0, eval_replies=0,
+                    validation=0.0, test=0.0, max_length=96, logging_steps=4)
+    res = train_sft(ds, tmp_path_factory.mktemp("adapters") / "signoff", cfg, progress=False)
+    return {"path": str(res.out_dir), "version": res.manifest["version"], "base": chat_model_path}
+
+
+def _reply(engine, request_id: str) -> str:
+    async def go():
+        return "".join([c.text async for c in engine.stream(PROMPT, PARAMS, request_id)])
+
+    return asyncio.run(go())
+
+
+@pytest.mark.slow
+def test_signoff_adapter_changes_the_transformers_reply_without_restart(signoff_adapter, tmp_path):
+    from chatbot.config import Settings
+    from chatbot.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(signoff_adapter["base"], max_model_len=512)
+    asyncio.run(engine.start())
+    base = _reply(engine, "base")
+    assert SIGN_OFF not in base and engine.info.adapter_version is None
+
+    asyncio.run(engine.set_adapter(signoff_adapter["path"], signoff_adapter["version"]))
+    tuned = _reply(engine, "tuned")
+    assert SIGN_OFF in tuned and engine.info.adapter_version == signoff_adapter["version"]
+
+    asyncio.run(engine.set_adapter(None, None))
+    assert _reply(engine, "base-again") == base and engine.info.adapter_version is None
+
+    # the service path: promote writes LIVE.json, the watcher moves the running engine onto it
+    settings = Settings(model=signoff_adapter["base"], data_dir=tmp_path)
+    reg = settings.resolved_adapters_dir / "signoff"
+    shutil.copytree(signoff_adapter["path"], reg)
+    with pytest.raises(AdapterError, match="has no metrics to gate on"):
+        promote("signoff", settings)
+    promote("signoff", settings, force=True)
+    watcher = LiveAdapterWatcher(settings)
+    assert asyncio.run(watcher.sync(engine)) == signoff_adapter["version"]
+    assert SIGN_OFF in _reply(engine, "live")
+    rollback(settings)
+    assert asyncio.run(watcher.sync(engine)) is None
+    assert _reply(engine, "rolled-back") == base
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_signoff_adapter_changes_the_vllm_reply_without_restart(signoff_adapter):
+    from chatbot.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(signoff_adapter["base"], max_model_len=512, kv_cache_space_gib=1, max_num_seqs=4,
+                        enable_lora=True, max_loras=1, max_lora_rank=16)
+
+    async def scenario():
+        await engine.start()
+        try:
+            async def reply(rid):
+                return "".join([c.text async for c in engine.stream(PROMPT, PARAMS, rid)])
+
+            base = await reply("base")
+            await engine.set_adapter(signoff_adapter["path"], signoff_adapter["version"])
+            tuned = await reply("tuned")
+            version = engine.info.adapter_version
+            await engine.set_adapter(None, None)
+            again = await reply("again")
+            # a second promotion of the same folder gets a new LoRA id and still serves it
+            await engine.set_adapter(signoff_adapter["path"], signoff_adapter["version"] + "-b")
+            tuned_b = await reply("tuned-b")
+            return base, tuned, version, again, tuned_b
+        finally:
+            await engine.close()
+
+    base, tuned, version, again, tuned_b = asyncio.run(scenario())
+    assert SIGN_OFF not in base
+    assert SIGN_OFF in tuned and SIGN_OFF in tuned_b and version == signoff_adapter["version"]
+    assert again == base
+
+
+# --------------------------------------------------------------------------- registry and gate
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, chat_model_path) -> str:
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", chat_model_path)
+
+
+def _fake_adapter(reg: Path, name: str, base_sha: str, val_loss: float, rouge: float, stop: float,
+                  created: str) -> str:
+    d = reg / name
+    d.mkdir(parents=True)
+    version = f"{name}-{created.replace('-', '')}-abcdef12"
+    (d / "adapter.json").write_text(json.dumps({
+        "name": name, "version": version, "kind": "peft-lora", "created_at": created,
+        "base_model": {"id": "tiny", "sha256": base_sha},
+        "metrics": {"val_loss": val_loss, "rouge_l": rouge, "self_stop_rate": stop},
+        "base_metrics": {"val_loss": 3.0, "rouge_l": 0.10, "self_stop_rate": 0.50},
+        "eval_config": {"split_sha256": {"test": "same"}, "max_new_tokens": 64, "replies": 10,
+                        "repetition_penalty": 1.0},
+    }))
+    return version
+
+
+def test_promote_gate_and_rollback(tiny, tmp_path):
+    from chatbot.config import Settings
+
+    s = Settings(model=tiny, data_dir=tmp_path)
+    reg = s.resolved_adapters_dir
+    sha = model_fingerprint(tiny)
+    a = _fake_adapter(reg, "a", sha, 2.0, 0.30, 0.90, "2026-01-01")
+    worse = _fake_adapter(reg, "worse", sha, 2.1, 0.30, 0.90, "2026-01-02")
+    c = _fake_adapter(reg, "c", sha, 1.9, 0.31, 0.95, "2026-01-03")
+    other = _fake_adapter(reg, "other-base", "0" * 64, 1.0, 0.9, 1.0, "2026-01-04")
+    bad_base = _fake_adapter(reg, "worse-than-base", sha, 3.5, 0.30, 0.90, "2026-01-05")
+
+    # with nothing live the reference is the base model on the same splits
+    with pytest.raises(AdapterError, match=r"refused \(compared with base\): val_loss 3.5000 is above"):
+        promote("worse-than-base", s)
+    d = promote("a", s)
+    assert d.ok and d.reference == "base" and live_adapter(s).version == a
+    # worse than the live one on validation loss: refused, the pointer does not move
+    with pytest.raises(AdapterError, match=rf"refused \(compared with {a}\): val_loss 2.1000 is above"):
+        promote("worse", s)
+    assert read_live(s)["current"]["version"] == a
+    with pytest.raises(AdapterError, match="trained on base model 'tiny'.*but the served model"):
+        promote("other-base", s)
+    with pytest.raises(AdapterError, match="already live"):
+        promote(a, s)  # by version string
+    assert promote("c", s).reference == a
+    assert [x.version for x in list_adapters(s) if x.live] == [c]
+    assert {x.version for x in list_adapters(s)} == {a, worse, c, other, bad_base}
+
+    assert rollback(s).version == a
+    assert rollback(s) is None and live_adapter(s) is None
+    with pytest.raises(AdapterError, match="nothing to roll back: no adapter is live"):
+        rollback(s)
+    forced = promote("worse-than-base", s, force=True)
+    assert forced.forced and not forced.ok and live_adapter(s).version == bad_base
+    events = [e["action"] for e in read_live(s)["events"]]
+    assert events == ["promote", "promote", "rollback", "rollback", "promote"]
+
+
+def test_watcher_refuses_an_adapter_of_another_base(tiny, tmp_path):
+    from chatbot.config import Settings
+    from chatbot.engines.base import EngineInfo
+
+    s = Settings(model=tiny, data_dir=tmp_path)
+    _fake_adapter(s.resolved_adapters_dir, "x", "f" * 64, 1.0, 0.5, 1.0, "2026-01-01")
+    promote_state = {"current": {"name": "x", "version": "x-v", "path": str(s.resolved_adapters_dir / "x")},
+                     "history": [], "events": []}
+    (s.resolved_adapters_dir / "LIVE.json").write_text(json.dumps(promote_state))
+
+    class FakeEngine:
+        model_path = tiny
+        info = EngineInfo("fake", "m", 512)
+        calls: typing.ClassVar[list] = []
+
+        async def set_adapter(self, path, version):
+            self.calls.append((path, version))
+
+    eng = FakeEngine()
+    watcher = LiveAdapterWatcher(s)
+    assert asyncio.run(watcher.sync(eng)) is None and eng.calls == []  # a turn is never failed by it
+    assert "not serving adapter 'x-20260101-abcdef12': trained on base model sha256 ffffffffffff" in watcher.last_error
+
+
+@pytest.mark.slow
+def test_merge_and_int8_export_match_the_unmerged_adapter(tiny, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from chatbot.config import Settings
+    from finetune.adapters import export_int8, load_int8, merge_adapter
+
+    s = Settings(model=tiny, data_dir=tmp_path)
+    out = s.resolved_adapters_dir / "toy"
+    cfg = SFTConfig(base_model=tiny, max_steps=3, batch_size=4, learning_rate=1e-2, eval_steps=0, eval_replies=2,
+                    eval_max_new_tokens=4, max_length=96)
+    train_sft(toy_dialogues(20), out, cfg, progress=False)
+    merged_dir = merge_adapter("toy", tmp_path / "merged", s)
+    ids = torch.tensor([[1, 4093, 198, 26843, 2, 198, 1, 520, 9531, 198]])
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = base(ids).logits
+        unmerged = PeftModel.from_pretrained(base, str(out)).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()(ids).logits
+    assert not torch.allclose(unmerged, plain, atol=1e-4)  # the adapter does something
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+
+    report = export_int8("toy", tmp_path / "int8", s, measure=2)
+    q, _ = load_int8(tmp_path / "int8")
+    with torch.no_grad():
+        qlogits = q(ids).logits
+    # int8 weights: close to the fp32 merged model (same argmax on most positions)
+    agree = (qlogits.argmax(-1) == merged.argmax(-1)).float().mean().item()
+    assert agree >= 0.8
+    comp = report["comparison"]
+    assert set(comp) >= {"unmerged", "merged_fp32", "int8"}
+    # every linear layer is int8 (the tiny model is mostly its fp32 embedding table, so no size claim here)
+    assert q.model.layers[0].self_attn.q_proj._get_name() == "DynamicQuantizedLinear"
+    assert q.lm_head._get_name() == "DynamicQuantizedLinear" and comp["int8"]["size_mb"] > 0
+    assert comp["unmerged"]["val_loss"] == pytest.approx(comp["merged_fp32"]["val_loss"], rel=1e-4)
+    assert comp["int8"]["new_tokens_per_s"] > 0

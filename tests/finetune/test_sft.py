@@ -1,0 +1,186 @@
+"""finetune.sft and finetune.evaluate on a tiny random Llama (real SmolLM2 tokenizer): accumulation, precision,
+gradient checkpointing, early stopping, resume, the adapter folder, left-padded generation and DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatbot.errors import ConfigError
+from finetune.data import encode_dialogues
+from finetune.sft import (
+    SFTConfig,
+    build_trainer,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_precision,
+    train_sft,
+)
+from tests.finetune.sft_helpers import tiny_llama, toy_dialogues
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, chat_model_path) -> str:
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", chat_model_path)
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny):
+    tok = load_tokenizer(tiny)
+    train, _ = encode_dialogues(tok, toy_dialogues(8), 128)
+    val, _ = encode_dialogues(tok, toy_dialogues(12)[8:], 128)
+    return tok, train, val
+
+
+def _train(tiny, encoded, tmp_path, **cfg):
+    """Train from the same initial weights; return (trainer, {lora param: tensor}, logged losses)."""
+    import transformers
+
+    tok, train, val = encoded
+    base = {"base_model": tiny, "lora_dropout": 0.0, "warmup_ratio": 0.0, "logging_steps": 1, "eval_steps": 0,
+            "max_grad_norm": 1e9, "eval_replies": 0}
+    config = SFTConfig(**{**base, **cfg})
+    transformers.set_seed(config.seed)
+    model = load_model(tiny, config)
+    trainer = build_trainer(model, tok, train, val, config, tmp_path / "ckpt", progress=False)
+    trainer.train()
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return trainer, params, losses
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_large_batch(tiny, encoded, tmp_path):
+    import torch
+
+    # the 8 samples have different lengths (one- and two-turn), so a per-micro-batch mean would differ
+    _, big, big_loss = _train(tiny, encoded, tmp_path / "a", batch_size=4, grad_accum=1, max_steps=2,
+                              optim="sgd", learning_rate=0.5)
+    _, acc, acc_loss = _train(tiny, encoded, tmp_path / "b", batch_size=2, grad_accum=2, max_steps=2,
+                              optim="sgd", learning_rate=0.5)
+    _, one, _ = _train(tiny, encoded, tmp_path / "c", batch_size=1, grad_accum=4, max_steps=2,
+                       optim="sgd", learning_rate=0.5)
+    moved = sum(float(p.abs().sum()) for n, p in big.items() if "lora_B" in n)
+    assert moved > 1e-3  # the adapter was trained
+    for name in big:
+        torch.testing.assert_close(acc[name], big[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(one[name], big[name], rtol=1e-4, atol=1e-6)
+    assert big_loss == pytest.approx(acc_loss, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_precision_auto_resolves_by_hardware_and_bf16_trains(tiny, encoded, tmp_path, monkeypatch):
+    from finetune import sft
+
+    monkeypatch.setattr(sft, "bf16_supported", lambda: True)
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(sft, "bf16_supported", lambda: False)
+    assert resolve_precision("auto") == "fp32" and resolve_precision("fp32") == "fp32"
+    with pytest.raises(ConfigError, match="precision must be auto, bf16 or fp32, got 'fp16'"):
+        resolve_precision("fp16")
+    monkeypatch.undo()
+    t32, _, l32 = _train(tiny, encoded, tmp_path / "fp32", batch_size=4, max_steps=2, precision="fp32")
+    t16, _, l16 = _train(tiny, encoded, tmp_path / "bf16", batch_size=4, max_steps=2, precision="bf16")
+    assert t16.args.bf16 and not t32.args.bf16
+    # the first step's loss is the forward pass before any update: bf16 autocast is close to fp32
+    assert l16[0] == pytest.approx(l32[0], rel=0.01) and l16[0] != l32[0]
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_update(tiny, encoded, tmp_path):
+    import torch
+
+    t_gc, gc, _ = _train(tiny, encoded, tmp_path / "gc", batch_size=4, max_steps=2, gradient_checkpointing=True)
+    _, plain, _ = _train(tiny, encoded, tmp_path / "plain", batch_size=4, max_steps=2)
+    assert t_gc.model.base_model.model.is_gradient_checkpointing
+    for name in plain:
+        torch.testing.assert_close(gc[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_early_stopping_stops_when_validation_loss_stalls(tiny, encoded, tmp_path):
+    # an improvement must exceed 10 nats to count, so the second evaluation already stalls
+    trainer, _, _ = _train(tiny, encoded, tmp_path, batch_size=4, max_steps=20, eval_steps=1,
+                           early_stopping_patience=1, early_stopping_threshold=10.0)
+    assert trainer.state.global_step == 2
+    assert sum("eval_loss" in h for h in trainer.state.log_history) == 2
+
+
+@pytest.mark.slow
+def test_train_writes_the_adapter_folder_and_resumes(tiny, tmp_path):
+    out = tmp_path / "adapters" / "toy"
+    cfg = {"base_model": tiny, "batch_size": 4, "eval_steps": 2, "save_steps": 2, "max_length": 128,
+           "eval_replies": 3, "eval_max_new_tokens": 4, "keep_checkpoints": True, "logging_steps": 1}
+    first = train_sft(toy_dialogues(30), out, SFTConfig(max_steps=2, **cfg), progress=False)
+    assert first.manifest["training"]["global_step"] == 2
+    res = train_sft(toy_dialogues(30), out, SFTConfig(max_steps=4, **cfg), progress=False)
+    m = res.manifest
+    assert m["training"]["resumed_from"].endswith("checkpoint-2") and m["training"]["global_step"] == 4
+    for f in ("adapter_model.safetensors", "adapter_config.json", "adapter.json", "splits.json", "test.jsonl",
+              "validation.jsonl"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "adapter.json").read_text())["version"] == m["version"]
+    assert m["version"].startswith("toy-") and m["kind"] == "peft-lora"
+    assert m["base_model"] == {"id": tiny, "path": tiny, "sha256": model_fingerprint(tiny)}
+    assert m["data"]["splits"]["counts"] == {"train": 24, "validation": 3, "test": 3}
+    assert m["training"]["lora_r"] == 16 and m["training"]["precision_resolved"] in ("fp32", "bf16")
+    for key in ("val_loss", "perplexity", "rouge_l", "self_stop_rate"):
+        assert m["metrics"][key] is not None and m["base_metrics"][key] is not None
+    assert m["metrics"]["perplexity"] == pytest.approx(2.718281828 ** m["metrics"]["val_loss"], rel=1e-6)
+    assert m["metrics"]["test_n"] == 3 and m["metrics"]["val_loss"] < m["base_metrics"]["val_loss"]
+
+
+def test_left_padded_batch_gives_the_same_greedy_tokens_as_alone(tiny):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.evaluate import greedy_generate
+
+    tok = load_tokenizer(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    short = [{"role": "user", "content": "Hi"}]
+    long = [{"role": "user", "content": "I ordered a blue jacket two weeks ago and it has still not arrived, "
+                                        "the tracking page says label created. What should I do?"}]
+    both = greedy_generate(model, tok, [short, long], max_new_tokens=12, batch_size=2)
+    alone = [greedy_generate(model, tok, [p], max_new_tokens=12, batch_size=1)[0] for p in (short, long)]
+    assert [g.token_ids for g in both] == [g.token_ids for g in alone]
+    assert len(both[0].token_ids) > 0
+
+
+def test_sft_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="grad_accum has a bad value: got 0"):
+        SFTConfig(grad_accum=0)
+    with pytest.raises(ConfigError, match=r"save_steps must be a multiple of eval_steps \(50\), got 30"):
+        SFTConfig(save_steps=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree(tiny, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "tests" / "finetune" / "ddp_worker.py"), tiny,
+           str(tmp_path)]
+    proc = subprocess.run(cmd, check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2 and r0["trainer_world_size"] == 2
+    assert r0["global_step"] == r1["global_step"] == 3
+    assert r0["sha256"] == r1["sha256"]  # both replicas hold identical weights after all-reduced steps
+    assert r0["lora_b_abs_sum"] > 0  # and they trained
+    manifest = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    assert manifest["training"]["world_size"] == 2

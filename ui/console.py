@@ -1,0 +1,518 @@
+"""Staff and operator console (Gradio), mounted behind the login by :mod:`chatbot.console_api`.
+
+* ``/console`` (staff and operators): search transcripts (text, date range, intent,
+  status, feedback), open one with its citations, intents and confidences, write a
+  corrected reply and approve turns for training, export conversations as chat-SFT
+  JSONL or CSV; the handoff queue: take a conversation, reply, hand it back or close it.
+* ``/operator`` (operators only): upload documents and re-index (progress shown), train
+  from approved transcripts (a background job with progress), see adapters with their
+  evaluation results and promote or roll back, and the analytics page.
+
+UI only: the work is done by :class:`chatbot.store.Store`, :mod:`chatbot.console_api`
+and :mod:`chatbot.operations`. Every handler looks the user up from the request and
+checks the role again (the login guard already refused the page otherwise).
+"""
+
+import html
+import logging
+from collections.abc import Callable
+from urllib.parse import quote
+
+from chatbot.errors import ChatbotError
+
+log = logging.getLogger(__name__)
+
+RESULT_HEADERS = ["id", "started (UTC)", "status", "channel", "messages", "intents", "up", "down", "first message"]
+QUEUE_HEADERS = ["conversation", "waiting since (UTC)", "reason", "intent", "status", "assigned to", "last message"]
+
+
+def _fmt_time(t) -> str:
+    if t is None:
+        return ""
+    if isinstance(t, str):
+        return t[:19].replace("T", " ")
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render_transcript(t: dict) -> str:
+    """Markdown of a transcript (:meth:`chatbot.store.Store.transcript`): each message with its role,
+    time, intent and confidence, citations and retrieved chunks, versions, latency, feedback and review."""
+    c = t["conversation"]
+    lines = [f"### Conversation `{c['id']}`",
+             f"status **{c['status']}** · channel {c['channel']} · started {_fmt_time(c['started_at'])} UTC"]
+    for h in t.get("handoffs") or []:
+        lines.append(f"- handoff #{h['id']}: {h['reason']} ({h['status']}"
+                     f"{', ' + h['assigned_to'] if h.get('assigned_to') else ''})")
+    lines.append("")
+    for m in t["messages"]:
+        who = {"user": "Customer", "assistant": "Assistant", "staff": f"Staff ({m.get('author') or '?'})"}[m["role"]]
+        lines.append(f"**#{m['id']} {who}** · {_fmt_time(m['created_at'])}")
+        lines.append("")
+        lines.append("> " + (m["text"] or "").replace("\n", "\n> "))
+        meta = []
+        if m.get("intent"):
+            conf = f" ({m['confidence']:.2f})" if m.get("confidence") is not None else ""
+            meta.append(f"intent **{m['intent']}**{conf}")
+        if m.get("action"):
+            meta.append(f"action {m['action']}")
+        if m.get("slots"):
+            meta.append("slots " + ", ".join(f"{s.get('type')}={s.get('value')}" for s in m["slots"]))
+        if m.get("redactions"):
+            meta.append("redacted " + ", ".join(f"{k}×{v}" for k, v in m["redactions"].items()))
+        if m["role"] == "assistant":
+            if m.get("citations"):
+                meta.append("sources " + "; ".join(f"[{x['number']}] {x['title']} ({x['doc_id']}, {x['score']})"
+                                                   for x in m["citations"]))
+            else:
+                meta.append("no sources")
+            if m.get("chunk_ids"):
+                scores = m.get("chunk_scores") or []
+                meta.append("chunks " + ", ".join(f"{cid}:{s}" for cid, s in zip(m["chunk_ids"], scores, strict=False)))
+            if m.get("latency_ms") is not None:
+                meta.append(f"{m['latency_ms']:.0f} ms, {m.get('prompt_tokens')}+{m.get('completion_tokens')} tokens")
+            versions = [f"index {m['index_version']}" if m.get("index_version") else "",
+                        f"adapter {m['adapter_version']}" if m.get("adapter_version") else ""]
+            meta += [v for v in versions if v]
+        fb = m.get("feedback")
+        if fb:
+            meta.append(("👍 thumbs up" if fb["rating"] > 0 else "👎 thumbs down")
+                        + (f": {fb['comment']}" if fb.get("comment") else ""))
+        a = m.get("annotation")
+        if a:
+            if a.get("corrected_text"):
+                meta.append(f"corrected by {a.get('author') or '?'}: “{a['corrected_text']}”")
+            if a.get("approved"):
+                meta.append(f"✅ approved for training by {a.get('approved_by') or '?'}")
+        if meta:
+            lines.append("")
+            lines.append("<small>" + " · ".join(html.escape(x) for x in meta) + "</small>")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def export_links(ids_text: str) -> str:
+    """HTML links to the export endpoint for the given conversation ids (comma or space separated)."""
+    from chatbot.console_api import parse_ids
+
+    try:
+        ids = parse_ids(ids_text or "")
+    except ChatbotError as exc:
+        return f"<p>{html.escape(str(exc))}</p>"
+    if not ids:
+        return "<p>Add conversations to export (open one and press “Add to export”, or “Add all results”).</p>"
+    q = quote(",".join(ids))
+    return (f'<p>{len(ids)} conversation(s): '
+            f'<a id="export-jsonl" href="/console/api/export?format=jsonl&amp;ids={q}" download>Download JSONL '
+            f'(chat SFT)</a> · <a id="export-csv" href="/console/api/export?format=csv&amp;ids={q}" download>'
+            f'Download CSV</a></p>')
+
+
+def _user(app, request, role: str = "staff"):
+    """The console user of a Gradio request; raises gr.Error when not allowed."""
+    import gradio as gr
+
+    from chatbot.auth import has_role
+    from chatbot.console_api import get_console, request_token
+
+    user = None
+    if request is not None:
+        user = get_console(app).user(request_token(request.request) if getattr(request, "request", None) else None)
+        if user is None and getattr(request, "username", None):
+            user = get_console(app).store.get_user(request.username)
+    if not has_role(user, role):
+        raise gr.Error(f"{role} login required")
+    return user
+
+
+def _header(app, request, page: str = "console") -> str:
+    user = _user(app, request)
+    if page == "operator":
+        link = " · [Staff console](/console/)"
+    else:
+        link = " · [Operator console](/operator/)" if user.role == "operator" else ""
+    return f"Logged in as **{user.username}** ({user.role}) · [Log out](/console/logout){link}"
+
+
+def build_console_ui(get_assistant: Callable[[], object], app):
+    """The staff console (Gradio Blocks), mounted at ``/console``."""
+    import gradio as gr
+
+    from chatbot.console_api import parse_day
+
+    def store():
+        return get_assistant().store
+
+    def search(q, since, until, intent, status, feedback, request: gr.Request):
+        _user(app, request)
+        try:
+            rows = store().search_conversations(q or None, parse_day(since, "since"),
+                                                parse_day(until, "until", end=True), intent or None,
+                                                status or None, feedback or None, limit=200)
+        except ChatbotError as exc:
+            raise gr.Error(str(exc)) from exc
+        data = [[r["id"], _fmt_time(r["started_at"]), r["status"], r["channel"], r["messages"],
+                 ", ".join(r["intents"]), r["up"], r["down"], r["preview"]] for r in rows]
+        return gr.update(value=data or None), f"{len(rows)} conversation(s)", [r["id"] for r in rows]
+
+    def open_conversation(cid, request: gr.Request):
+        _user(app, request)
+        cid = (cid or "").strip()
+        if not cid:
+            return "Enter or pick a conversation.", gr.update(choices=[], value=None), "", False
+        try:
+            t = store().transcript(cid)
+        except ChatbotError as exc:
+            return f"**{html.escape(str(exc))}**", gr.update(choices=[], value=None), "", False
+        replies = [m for m in t["messages"] if m["role"] in ("assistant", "staff")]
+        choices = [(f"#{m['id']} {m['role']}: {m['text'][:60]}", m["id"]) for m in replies]
+        first = replies[-1] if replies else None
+        corrected, approved = _annotation_fields(first)
+        return (render_transcript(t), gr.update(choices=choices, value=first["id"] if first else None),
+                corrected, approved)
+
+    def _annotation_fields(m) -> tuple[str, bool]:
+        if not m:
+            return "", False
+        a = m.get("annotation") or {}
+        return a.get("corrected_text") or m["text"], bool(a.get("approved"))
+
+    def pick_reply(cid, message_id, request: gr.Request):
+        _user(app, request)
+        if not cid or message_id is None:
+            return "", False
+        try:
+            t = store().transcript(cid.strip())
+        except ChatbotError:
+            return "", False
+        m = next((m for m in t["messages"] if m["id"] == int(message_id)), None)
+        return _annotation_fields(m)
+
+    def save_annotation(cid, message_id, corrected, approved, request: gr.Request):
+        user = _user(app, request)
+        if message_id is None:
+            raise gr.Error("pick a reply to annotate")
+        a = get_assistant()
+        text = a.log.redactor.redact(corrected or "").text
+        try:
+            a.store.annotate(int(message_id), user.id, text, bool(approved))
+            t = a.store.transcript(cid.strip())
+        except ChatbotError as exc:
+            raise gr.Error(str(exc)) from exc
+        state = "approved for training" if approved else "not approved"
+        return render_transcript(t), f"Saved reply #{message_id}: {state}."
+
+    def add_to_export(ids_text, cid):
+        ids = [x for x in (ids_text or "").replace(",", " ").split() if x]
+        if cid and cid.strip() and cid.strip() not in ids:
+            ids.append(cid.strip())
+        value = ", ".join(ids)
+        return value, export_links(value)
+
+    def add_all(ids_text, result_ids):
+        ids = [x for x in (ids_text or "").replace(",", " ").split() if x]
+        ids += [i for i in (result_ids or []) if i not in ids]
+        value = ", ".join(ids)
+        return value, export_links(value)
+
+    def queue(request: gr.Request):
+        _user(app, request)
+        rows = store().handoff_queue()
+        data = [[r["conversation_id"], _fmt_time(r["created_at"]), r["reason"], r["intent"] or "", r["status"],
+                 r["assigned_to"] or "", r["preview"]] for r in rows]
+        return gr.update(value=data or None), f"{len(rows)} waiting or in progress"
+
+    def show(cid):
+        try:
+            return render_transcript(store().transcript(cid.strip()))
+        except ChatbotError as exc:
+            return f"**{html.escape(str(exc))}**"
+
+    def take(cid, request: gr.Request):
+        user = _user(app, request)
+        if not (cid or "").strip():
+            raise gr.Error("enter or pick a conversation")
+        try:
+            store().take_handoff(cid.strip(), user.id)
+        except ChatbotError as exc:
+            raise gr.Error(str(exc)) from exc
+        return show(cid), f"You have conversation {cid.strip()}; the bot stays silent until you hand it back."
+
+    def send_reply(cid, text, request: gr.Request):
+        user = _user(app, request)
+        if not (cid or "").strip():
+            raise gr.Error("enter or pick a conversation")
+        try:
+            get_assistant().log.staff_reply(cid.strip(), user.id, text or "")
+        except ChatbotError as exc:
+            raise gr.Error(str(exc)) from exc
+        return show(cid), "", "Reply sent."
+
+    def release(cid, close: bool, request: gr.Request):
+        _user(app, request)
+        if not (cid or "").strip():
+            raise gr.Error("enter or pick a conversation")
+        try:
+            c = store().release_handoff(cid.strip(), close=close)
+        except ChatbotError as exc:
+            raise gr.Error(str(exc)) from exc
+        return show(cid), ("Conversation closed." if close else "Handed back to the bot.") + f" Status: {c.status}."
+
+    def hand_back(cid, request: gr.Request):
+        return release(cid, False, request)
+
+    def close_conv(cid, request: gr.Request):
+        return release(cid, True, request)
+
+    def header_text(request: gr.Request):
+        return _header(app, request)
+
+    def select_row(evt: gr.SelectData, df):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        try:
+            return str(df.iloc[row, 0]) if hasattr(df, "iloc") else str(df[row][0])
+        except (IndexError, KeyError, TypeError):
+            return gr.skip()
+
+    with gr.Blocks(title="Support console", analytics_enabled=False) as blocks:
+        header = gr.Markdown()
+        with gr.Tab("Transcripts"):
+            with gr.Row():
+                q = gr.Textbox(label="Text", placeholder="words in any message", elem_id="search-text", scale=3)
+                since = gr.Textbox(label="From (YYYY-MM-DD)", elem_id="search-since", scale=1)
+                until = gr.Textbox(label="To (YYYY-MM-DD)", elem_id="search-until", scale=1)
+            with gr.Row():
+                intent = gr.Textbox(label="Intent", elem_id="search-intent")
+                status = gr.Dropdown(["", "bot", "handoff", "human", "closed"], value="", label="Status",
+                                     elem_id="search-status")
+                feedback = gr.Dropdown(["", "up", "down", "any", "none"], value="", label="Feedback",
+                                       elem_id="search-feedback")
+                search_btn = gr.Button("Search", variant="primary", elem_id="search")
+            found = gr.Markdown(elem_id="search-count")
+            results = gr.Dataframe(headers=RESULT_HEADERS, interactive=False, wrap=True, elem_id="results")
+            result_ids = gr.State([])
+            with gr.Row():
+                cid = gr.Textbox(label="Conversation id", elem_id="conv-id", scale=3)
+                open_btn = gr.Button("Open", elem_id="open", scale=1)
+            transcript = gr.Markdown(elem_id="transcript")
+            with gr.Group():
+                reply_pick = gr.Dropdown(label="Reply to review", choices=[], elem_id="reply-pick")
+                corrected = gr.Textbox(label="Corrected reply", lines=4, elem_id="corrected")
+                approved = gr.Checkbox(label="Approved for training", elem_id="approved")
+                save_btn = gr.Button("Save review", elem_id="save-annotation")
+                saved = gr.Markdown(elem_id="annotation-status")
+            with gr.Group():
+                export_ids = gr.Textbox(label="Conversations to export (ids)", elem_id="export-ids")
+                with gr.Row():
+                    add_btn = gr.Button("Add to export", elem_id="add-export")
+                    add_all_btn = gr.Button("Add all results", elem_id="add-all-export")
+                links = gr.HTML(export_links(""), elem_id="export-links")
+        with gr.Tab("Handoff queue"):
+            with gr.Row():
+                refresh = gr.Button("Refresh", elem_id="queue-refresh")
+                queue_count = gr.Markdown(elem_id="queue-count")
+            queue_df = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, elem_id="queue")
+            hcid = gr.Textbox(label="Conversation id", elem_id="handoff-conv")
+            with gr.Row():
+                take_btn = gr.Button("Take", variant="primary", elem_id="take")
+                back_btn = gr.Button("Hand back to the bot", elem_id="hand-back")
+                close_btn = gr.Button("Close conversation", elem_id="close-conv")
+            hstatus = gr.Markdown(elem_id="handoff-status")
+            htranscript = gr.Markdown(elem_id="handoff-transcript")
+            staff_text = gr.Textbox(label="Reply to the customer", lines=3, elem_id="staff-reply")
+            send_btn = gr.Button("Send reply", elem_id="send-reply")
+            queue_timer = gr.Timer(5.0)
+
+        blocks.load(header_text, None, header)
+        filters = [q, since, until, intent, status, feedback]
+        search_btn.click(search, filters, [results, found, result_ids])
+        q.submit(search, filters, [results, found, result_ids])
+        results.select(select_row, results, cid).then(open_conversation, cid, [transcript, reply_pick, corrected,
+                                                                               approved])
+        open_btn.click(open_conversation, cid, [transcript, reply_pick, corrected, approved])
+        cid.submit(open_conversation, cid, [transcript, reply_pick, corrected, approved])
+        reply_pick.input(pick_reply, [cid, reply_pick], [corrected, approved])
+        save_btn.click(save_annotation, [cid, reply_pick, corrected, approved], [transcript, saved])
+        add_btn.click(add_to_export, [export_ids, cid], [export_ids, links])
+        add_all_btn.click(add_all, [export_ids, result_ids], [export_ids, links])
+        export_ids.change(export_links, export_ids, links)
+        refresh.click(queue, None, [queue_df, queue_count])
+        blocks.load(queue, None, [queue_df, queue_count])
+        queue_timer.tick(queue, None, [queue_df, queue_count], show_progress="hidden")
+        queue_df.select(select_row, queue_df, hcid).then(show, hcid, htranscript)
+        hcid.submit(show, hcid, htranscript)
+        take_btn.click(take, hcid, [htranscript, hstatus])
+        send_btn.click(send_reply, [hcid, staff_text], [htranscript, staff_text, hstatus])
+        staff_text.submit(send_reply, [hcid, staff_text], [htranscript, staff_text, hstatus])
+        back_btn.click(hand_back, hcid, [htranscript, hstatus])
+        close_btn.click(close_conv, hcid, [htranscript, hstatus])
+    return blocks
+
+
+def _progress_html(job: dict | None) -> str:
+    if not job:
+        return "<p>No job yet.</p>"
+    pct = int(round(job["progress"] * 100))
+    return (f'<div id="job-{job["kind"]}" data-status="{job["status"]}"><progress max="100" value="{pct}">'
+            f"{pct}%</progress> <b>{pct}%</b> · {html.escape(job['status'])} · {job['elapsed_s']} s<br>"
+            f"<small>{html.escape(job['message'] or '')}</small></div>")
+
+
+def build_operator_ui(get_assistant: Callable[[], object], app):
+    """The operator console (Gradio Blocks), mounted at ``/operator``."""
+    import gradio as gr
+    import pandas as pd
+
+    from chatbot import operations as ops
+    from chatbot.console_api import get_console, parse_day
+
+    def jobs():
+        return get_console(app).jobs
+
+    def latest(kind: str):
+        js = jobs().list(kind)
+        return js[0].as_dict() if js else None
+
+    def header_text(request: gr.Request):
+        return _header(app, request, "operator")
+
+    def start_reindex(files, include_kb, request: gr.Request):
+        user = _user(app, request, "operator")
+        a = get_assistant()
+        settings = a.settings
+        if a.retriever is None:
+            raise gr.Error("this server runs without retrieval; nothing to re-index")
+        try:
+            paths = ops.save_uploads([getattr(f, "name", f) for f in (files or [])],
+                                     settings.data_dir / "uploads") if files else []
+            roots = ([settings.data_dir / "uploads"] if paths else []) + ([settings.kb_dir] if include_kb else [])
+            if not roots:
+                raise gr.Error("upload documents or tick “also re-index the knowledge-base folder”")
+            job = jobs().start("reindex", lambda report: ops.reindex(settings, a.retriever.embedder, roots, report,
+                                                                     sync=bool(include_kb)), user.username)
+        except ChatbotError as exc:
+            raise gr.Error(str(exc)) from exc
+        return _progress_html(job.as_dict())
+
+    def start_training(request: gr.Request):
+        user = _user(app, request, "operator")
+        a = get_assistant()
+        try:
+            job = jobs().start("train", lambda report: ops.train_from_approved(a.store, a.settings, report),
+                               user.username)
+        except ChatbotError as exc:
+            raise gr.Error(str(exc)) from exc
+        return _progress_html(job.as_dict())
+
+    def progress(request: gr.Request):
+        _user(app, request, "operator")
+        return _progress_html(latest("reindex")), _progress_html(latest("train"))
+
+    def adapters(request: gr.Request):
+        _user(app, request, "operator")
+        rows = ops.list_adapters(get_assistant().settings)
+        if not rows:
+            return gr.update(value=None), "No adapters yet (train one from approved transcripts)."
+        keys = sorted({k for r in rows for k in r if k not in ("metrics",)})
+        metric_keys = sorted({k for r in rows for k in (r.get("metrics") or {}) if not isinstance(
+            (r.get("metrics") or {}).get(k), (dict, list))})
+        data = [[str(r.get(k, "")) for k in keys] + [r.get("metrics", {}).get(k, "") for k in metric_keys]
+                for r in rows]
+        return gr.update(value=pd.DataFrame(data, columns=keys + metric_keys)), f"{len(rows)} adapter(s)"
+
+    def promote(version, request: gr.Request):
+        _user(app, request, "operator")
+        try:
+            out = ops.promote_adapter(get_assistant().settings, (version or "").strip())
+        except ChatbotError as exc:
+            raise gr.Error(str(exc)) from exc
+        return f"Promoted: `{out}`"
+
+    def rollback(request: gr.Request):
+        _user(app, request, "operator")
+        try:
+            out = ops.rollback_adapter(get_assistant().settings)
+        except ChatbotError as exc:
+            raise gr.Error(str(exc)) from exc
+        return f"Rolled back: `{out}`"
+
+    def analytics(since, until, request: gr.Request):
+        _user(app, request, "operator")
+        try:
+            a = get_assistant().store.analytics(parse_day(since, "since"), parse_day(until, "until", end=True))
+        except ChatbotError as exc:
+            raise gr.Error(str(exc)) from exc
+        days = pd.DataFrame(a["per_day"] or [], columns=["day", "conversations", "handoffs", "up", "down"])
+        if len(days):
+            days["deflection"] = 1 - days["handoffs"] / days["conversations"].clip(lower=1)
+            rated = (days["up"] + days["down"]).clip(lower=1)
+            days["thumbs_up_rate"] = days["up"] / rated
+        else:
+            days["deflection"] = days["thumbs_up_rate"] = []
+        rated_days = days[(days["up"] + days["down"]) > 0] if len(days) else days
+        by_intent = pd.DataFrame(a["handoff_by_intent"] or [], columns=["intent", "conversations", "handoffs", "rate"])
+        unanswered = pd.DataFrame(a["unanswered"] or [], columns=["question", "count"])
+
+        def pct(x):
+            return "n/a" if x is None else f"{100 * x:.1f}%"
+
+        summary = (f"**{a['conversations']}** conversations · **{a['handed_off']}** handed off · deflection "
+                   f"**{pct(a['deflection'])}** · thumbs up **{pct(a['thumbs_up_rate'])}** "
+                   f"({a['thumbs_up']} up, {a['thumbs_down']} down)")
+        return (summary, days[["day", "conversations"]], days[["day", "deflection"]], by_intent[["intent", "rate"]],
+                rated_days[["day", "thumbs_up_rate"]], unanswered)
+
+    with gr.Blocks(title="Operator console", analytics_enabled=False) as blocks:
+        header = gr.Markdown()
+        with gr.Tab("Documents"):
+            files = gr.File(label="Documents (Markdown, text, HTML, PDF, DOCX)", file_count="multiple",
+                            elem_id="upload")
+            include_kb = gr.Checkbox(label="Also re-index the knowledge-base folder (removes documents deleted "
+                                           "from it)", value=False, elem_id="include-kb")
+            reindex_btn = gr.Button("Upload and re-index", variant="primary", elem_id="reindex")
+            reindex_status = gr.HTML(_progress_html(None), elem_id="reindex-status")
+        with gr.Tab("Training"):
+            train_btn = gr.Button("Train from approved transcripts", variant="primary", elem_id="train")
+            train_status = gr.HTML(_progress_html(None), elem_id="train-status")
+            adapters_btn = gr.Button("Refresh adapters", elem_id="adapters-refresh")
+            adapters_info = gr.Markdown(elem_id="adapters-info")
+            adapters_df = gr.Dataframe(interactive=False, elem_id="adapters")
+            with gr.Row():
+                version = gr.Textbox(label="Adapter name (or folder)", elem_id="adapter-version")
+                promote_btn = gr.Button("Promote", elem_id="promote")
+                rollback_btn = gr.Button("Roll back", elem_id="rollback")
+            adapter_result = gr.Markdown(elem_id="adapter-result")
+        with gr.Tab("Analytics"):
+            with gr.Row():
+                a_since = gr.Textbox(label="From (YYYY-MM-DD)", elem_id="analytics-since")
+                a_until = gr.Textbox(label="To (YYYY-MM-DD)", elem_id="analytics-until")
+                a_btn = gr.Button("Refresh", variant="primary", elem_id="analytics-refresh")
+            a_summary = gr.Markdown(elem_id="analytics-summary")
+            with gr.Row():
+                per_day = gr.BarPlot(x="day", y="conversations", title="Conversations per day", y_lim=[0, None],
+                                     elem_id="plot-per-day")
+                deflection = gr.BarPlot(x="day", y="deflection", title="Resolved without handoff (deflection)",
+                                        y_lim=[0, 1], elem_id="plot-deflection")
+            with gr.Row():
+                by_intent = gr.BarPlot(x="intent", y="rate", title="Handoff rate by intent", y_lim=[0, 1],
+                                       elem_id="plot-handoff-intent")
+                thumbs = gr.BarPlot(x="day", y="thumbs_up_rate", title="Thumbs-up rate", y_lim=[0, 1],
+                                    elem_id="plot-thumbs")
+            unanswered = gr.Dataframe(headers=["question", "count"], interactive=False, wrap=True,
+                                      label="Top questions retrieval could not answer", elem_id="unanswered")
+        timer = gr.Timer(1.0)
+
+        blocks.load(header_text, None, header)
+        reindex_btn.click(start_reindex, [files, include_kb], reindex_status)
+        train_btn.click(start_training, None, train_status)
+        timer.tick(progress, None, [reindex_status, train_status], show_progress="hidden")
+        adapters_btn.click(adapters, None, [adapters_df, adapters_info])
+        blocks.load(adapters, None, [adapters_df, adapters_info])
+        promote_btn.click(promote, version, adapter_result)
+        rollback_btn.click(rollback, None, adapter_result)
+        outs = [a_summary, per_day, deflection, by_intent, thumbs, unanswered]
+        a_btn.click(analytics, [a_since, a_until], outs)
+        blocks.load(analytics, [a_since, a_until], outs)
+    return blocks
+
+
+__all__ = ["build_console_ui", "build_operator_ui", "render_transcript", "export_links"]
