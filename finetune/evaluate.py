@@ -102,7 +102,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[Mapping[str, st
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 temperature=None, top_p=None, top_k=None, repetition_penalty=repetition_penalty,
-                eos_token_id=stop_ids, pad_token_id=pad,
+                eos_token_id=stop_ids, pad_token_id=pad, use_cache=True,  # training sets config.use_cache=False
             )
         new = out[:, ids.shape[1]:].tolist()
         for row, i in enumerate(idx):

@@ -65,8 +65,10 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> str:
     """A 2-layer, hidden-32 random BERT with the real MiniLM tokenizer files."""
+    import torch
     from transformers import BertConfig, BertModel
 
+    torch.manual_seed(0)  # the same random weights whatever ran before
     d = tmp_path_factory.mktemp("tiny-bert")
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=512)
@@ -86,7 +88,7 @@ def _tiny_cfg(base: str, **kw) -> HeadConfig:
 def tiny_intent(tiny_base, tmp_path_factory):
     splits = IntentSplits(INTENT_ROWS, INTENT_ROWS[:9], INTENT_ROWS[:9], "out_of_scope", "toy")
     out = tmp_path_factory.mktemp("heads") / "intent"
-    head = IntentHead.train(splits, _tiny_cfg(tiny_base), out_dir=out, progress=False)
+    head = IntentHead.train(splits, _tiny_cfg(tiny_base, max_steps=60), out_dir=out, progress=False)
     return head, out
 
 
@@ -249,7 +251,7 @@ def test_intent_label_map_round_trips(tiny_intent):
     assert meta["labels"] == ["cancel_order", "out_of_scope", "track_order"]
     assert meta["oos_label"] == "out_of_scope" and meta["kind"] == "intent" and meta["method"] == "lora"
     training = json.loads((out / "training.json").read_text())
-    assert training["data"]["hash"].startswith("sha256:") and training["config"]["max_steps"] == 30
+    assert training["data"]["hash"].startswith("sha256:") and training["config"]["max_steps"] == 60
     metrics = json.loads((out / "metrics.json").read_text())
     assert "micro avg" in metrics["validation"]["report"]
     loaded = IntentHead.load(out)
