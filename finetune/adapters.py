@@ -581,7 +581,7 @@ def merge_adapter(ref: str | Path, out: str | Path, settings) -> Path:
     return out
 
 
-INT8_WEIGHTS = "model_int8.pt"
+INT8_WEIGHTS = "model_int8.safetensors"
 INT8_MANIFEST = "int8.json"
 
 
@@ -597,13 +597,53 @@ def quantize_int8(model):
         return quantize_dynamic(model.float().eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def _is_qlinear(module) -> bool:
+    return module._get_name() == "DynamicQuantizedLinear"
+
+
+def int8_state(q) -> dict:
+    """Plain tensors of a :func:`quantize_int8` model, for safetensors (no pickle).
+
+    Each quantized linear ``name`` gives ``name.weight_int8`` (int8), ``name.weight_scale`` and
+    ``name.weight_zero_point`` (per-tensor, shape ``(1,)``) and ``name.bias``; every other parameter
+    and buffer is stored as is.
+
+    Raises:
+        AdapterError: a layer is quantized per channel (not produced by :func:`quantize_int8`).
+    """
+    import torch
+
+    out: dict = {}
+    qnames = set()
+    for name, mod in q.named_modules():
+        if _is_qlinear(mod):
+            qnames.add(name)
+            w, b = mod._weight_bias()
+            if w.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                raise AdapterError(f"layer {name} is quantized with {w.qscheme()}, expected per-tensor")
+            out[f"{name}.weight_int8"] = w.int_repr().contiguous()
+            out[f"{name}.weight_scale"] = torch.tensor([w.q_scale()], dtype=torch.float64)
+            out[f"{name}.weight_zero_point"] = torch.tensor([w.q_zero_point()], dtype=torch.int64)
+            if b is not None:
+                out[f"{name}.bias"] = b.detach().contiguous()
+    for key, t in q.state_dict().items():
+        if isinstance(t, torch.Tensor) and not t.is_quantized and key.rsplit(".", 2)[0] not in qnames \
+                and key.rsplit(".", 1)[0] not in qnames:
+            out[key] = t.detach().contiguous()
+    return out
+
+
 def load_int8(folder: str | Path):
     """(model, tokenizer) from an :func:`export_int8` folder (CPU).
+
+    The model is built from ``config.json``, quantized the same way, and given the
+    stored int8 weights (``set_weight_bias``) and float parameters.
 
     Raises:
         AdapterError: the folder is not an int8 export.
     """
     import torch
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -612,10 +652,27 @@ def load_int8(folder: str | Path):
     cfg = AutoConfig.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     q = quantize_int8(model)
+    state = load_file(str(folder / INT8_WEIGHTS))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        state = torch.load(folder / INT8_WEIGHTS, weights_only=False)
-        q.load_state_dict(state)
+        for name, mod in q.named_modules():
+            if _is_qlinear(mod):
+                scale = float(state.pop(f"{name}.weight_scale")[0])
+                zp = int(state.pop(f"{name}.weight_zero_point")[0])
+                ints = state.pop(f"{name}.weight_int8")
+                w = torch.quantize_per_tensor((ints.float() - zp) * scale, scale, zp, torch.qint8)
+                mod.set_weight_bias(w, state.pop(f"{name}.bias", None))
+    # the rest are plain parameters and buffers (quantized layers refuse load_state_dict without their keys)
+    persistent = set(q.state_dict())
+    targets = {k: t for k, t in [*q.named_parameters(), *q.named_buffers()] if k in persistent}
+    unexpected = sorted(set(state) - set(targets))
+    missing = sorted(set(targets) - set(state))
+    if unexpected or missing:
+        raise AdapterError(f"{str(folder)!r} does not match its config: unexpected tensors {unexpected[:5]}, "
+                           f"missing {missing[:5]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            targets[key].copy_(value)
     tok = AutoTokenizer.from_pretrained(str(folder))
     from transformers import GenerationConfig
 
@@ -646,7 +703,6 @@ def export_int8(ref: str | Path, out: str | Path, settings, measure: int = 0) ->
     Returns:
         The ``int8.json`` content (with ``comparison`` when measured).
     """
-    import torch
 
     rec = resolve_adapter(ref, settings)
     merged, tok = _merged(rec, settings)
@@ -658,7 +714,9 @@ def export_int8(ref: str | Path, out: str | Path, settings, measure: int = 0) ->
         merged.generation_config.save_pretrained(str(out))
     merged_state = {k: v.clone() for k, v in merged.state_dict().items()}
     q = quantize_int8(merged)
-    torch.save(q.state_dict(), out / INT8_WEIGHTS)
+    from safetensors.torch import save_file
+
+    save_file(int8_state(q), str(out / INT8_WEIGHTS), metadata={"format": "int8-dynamic"})
     report = {"adapter": rec.version, "base_model": rec.base_id, "base_sha256": rec.base_sha256,
               "method": "torch.ao dynamic int8 (nn.Linear weights int8, activations per batch)",
               "size_mb": _size_mb([out / INT8_WEIGHTS])}
