@@ -7,6 +7,7 @@ with HTTP 400 (bad input), 404 (unknown conversation), 422 (malformed body) or
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -72,7 +73,9 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
             a = Assistant.from_settings(settings)
             app.state.assistant = a
         await a.engine.start()
-        log.info("serving %s on engine %s", a.engine.info.model, a.engine.info.name)
+        await a.adapters.sync(a.engine)  # the promoted adapter (LIVE.json), if any, from the first request on
+        log.info("serving %s on engine %s (adapter %s)", a.engine.info.model, a.engine.info.name,
+                 a.engine.info.adapter_version or "none")
         try:
             yield
         finally:
@@ -108,12 +111,18 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
 
     @app.get("/v1/models")
     async def models() -> dict:
+        """The base model, then each registered LoRA adapter (``parent``: the base; ``live``: promoted;
+        ``served``: the engine serves it now)."""
+        from finetune.adapters import list_adapters
+
         a = app.state.assistant
-        return {
-            "object": "list",
-            "data": [{"id": a.engine.info.model, "object": "model", "created": 0, "owned_by": "chatbot",
-                      "engine": a.engine.info.name}],
-        }
+        base = a.engine.info.model
+        data = [{"id": base, "object": "model", "created": 0, "owned_by": "chatbot", "engine": a.engine.info.name,
+                 "served": a.engine.info.adapter_version is None}]
+        for rec in await asyncio.to_thread(list_adapters, a.settings):
+            data.append({"id": rec.version, "object": "model", "created": 0, "owned_by": "chatbot", "parent": base,
+                         "live": rec.live, "served": rec.version == a.engine.info.adapter_version})
+        return {"object": "list", "data": data}
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -158,6 +167,8 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
         cid = f"chatcmpl-{turn.request_id}"
         model = a.engine.info.model
         citations = [c.as_dict() for c in turn.citations]
+        # the routing decision: intent, calibrated confidence, slots (type, value, offsets), action, reason
+        route = turn.route.to_dict() if turn.route is not None else None
 
         def usage() -> dict:
             return {
@@ -176,6 +187,8 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
                 "model": model,
                 "conversation_id": turn.conversation_id,
                 "citations": citations,
+                "route": route,
+                "status": turn.status,
                 "choices": [
                     {
                         "index": 0,
@@ -199,7 +212,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
             return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
         async def events():
-            yield sse({"role": "assistant", "content": ""}, citations=citations)
+            yield sse({"role": "assistant", "content": ""}, citations=citations, route=route, status=turn.status)
             try:
                 async for text in turn.stream():
                     if await request.is_disconnected():

@@ -102,6 +102,15 @@ class Settings(BaseSettings):
     )
 
     # --- routing (intent / entity heads, finetune.heads; policy: chatbot.router)
+    routing: bool = Field(
+        default=True,
+        description="Route each customer message (intent, slots, action) before answering; false answers everything.",
+    )
+    route_grounded_min_score: float | None = Field(
+        default=0.4, ge=-1.0, le=1.0,
+        description="An out-of-scope or low-confidence message is still answered when retrieval finds a passage "
+                    "at least this similar (cosine); None always follows the policy.",
+    )
     intent_head_dir: Path = Field(
         default=PROJECT_ROOT / "data" / "heads" / "intent", description="Intent head folder (head.json + adapter)."
     )

@@ -59,6 +59,10 @@ class RoutingPolicy:
         out_of_scope_label: the intent head's out-of-scope label.
         on_out_of_scope, on_low_confidence: ``clarify`` or ``handoff``.
         max_clarifications: clarify this many times in a row, then hand off (>= 0).
+        clarify_message: what the assistant says when it clarifies.
+        slot_questions: slot type -> the question that asks for it (``ask_slot``).
+        default_slot_question: the question for a slot type not in ``slot_questions``
+            (``{slot}`` becomes the type with spaces).
     """
 
     intents: dict[str, dict] = field(default_factory=dict)
@@ -70,6 +74,11 @@ class RoutingPolicy:
     on_out_of_scope: Action = "clarify"
     on_low_confidence: Action = "clarify"
     max_clarifications: int = 1
+    clarify_message: str = ("Sorry, I'm not sure I understood. I can help with orders, deliveries, returns and "
+                            "refunds, payments and your account. Could you tell me a bit more about what you need?")
+    slot_questions: dict[str, str] = field(default_factory=lambda: {
+        "order_id": "Could you give me your order number, please?"})
+    default_slot_question: str = "Could you give me your {slot}, please?"
 
     def __post_init__(self) -> None:
         for name in ("default_action", "on_out_of_scope", "on_low_confidence"):
@@ -79,6 +88,13 @@ class RoutingPolicy:
                 raise ConfigError(f"routing policy {name} must be one of {allowed}, got {v!r}")
         if not isinstance(self.max_clarifications, int) or self.max_clarifications < 0:
             raise ConfigError(f"routing policy max_clarifications must be an int >= 0, got {self.max_clarifications!r}")
+        if not isinstance(self.clarify_message, str) or not self.clarify_message.strip():
+            raise ConfigError("routing policy clarify_message must be a non-empty string")
+        if not isinstance(self.slot_questions, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in self.slot_questions.items()):
+            raise ConfigError(f"routing policy slot_questions must map slot types to questions, got {self.slot_questions!r}")
+        if "{slot}" not in self.default_slot_question:
+            raise ConfigError("routing policy default_slot_question must contain {slot}")
         norm = {}
         for intent, spec in (self.intents or {}).items():
             spec = {"action": spec} if isinstance(spec, str) else dict(spec or {})
@@ -105,7 +121,8 @@ class RoutingPolicy:
     def from_dict(cls, d: dict) -> RoutingPolicy:
         """Build from a dict (YAML content); unknown keys raise ConfigError naming them."""
         known = {"intents", "default_action", "handoff_intents", "human_intents", "human_patterns",
-                 "out_of_scope_label", "on_out_of_scope", "on_low_confidence", "max_clarifications", "version"}
+                 "out_of_scope_label", "on_out_of_scope", "on_low_confidence", "max_clarifications", "version",
+                 "clarify_message", "slot_questions", "default_slot_question"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"routing policy has unknown keys {unknown}")
@@ -142,6 +159,15 @@ class RoutingPolicy:
         if spec is None:
             return self.default_action, []
         return spec["action"], spec["required_slots"]
+
+    def reply_for(self, decision: "RouteDecision") -> str | None:
+        """The fixed reply of a ``clarify`` or ``ask_slot`` decision; None for other actions."""
+        if decision.action == "clarify":
+            return self.clarify_message
+        if decision.action == "ask_slot":
+            slot = decision.missing_slot or "details"
+            return self.slot_questions.get(slot) or self.default_slot_question.format(slot=slot.replace("_", " "))
+        return None
 
     def asks_for_human(self, text: str) -> bool:
         """True when a fallback pattern matches ``text``."""
@@ -275,6 +301,64 @@ class Router:
                 log.warning("routing policy out_of_scope_label %r differs from the head's %r; using the head's",
                             self.policy.out_of_scope_label, oos)
         self._checked = True
+
+    # -- conversation state
+    def previous_from_messages(self, messages) -> RouteDecision | None:
+        """The decision of the last routed customer message, rebuilt from stored messages.
+
+        The state lives in the store, so it survives restarts and is shared by every worker.
+
+        Args:
+            messages: a conversation's messages, oldest first, with ``role``, ``intent``,
+                ``confidence``, ``slots`` (dicts) and ``action`` attributes (:class:`chatbot.store.Message`).
+
+        Returns:
+            The decision (``clarifications`` = trailing ``clarify`` actions in a row;
+            ``missing_slot`` recomputed from the policy for ``ask_slot``), or None when no
+            customer message was routed yet.
+        """
+        from finetune.heads import Slot
+
+        routed = [m for m in messages if m.role == "user" and m.action in ACTIONS]
+        if not routed:
+            return None
+        last = routed[-1]
+        clar = 0
+        for m in reversed(routed):
+            if m.action != "clarify":
+                break
+            clar += 1
+        slots = []
+        for d in last.slots or []:
+            try:
+                slots.append(Slot(**{k: d[k] for k in ("type", "value", "start", "end") if k in d},
+                                  score=float(d.get("score", 1.0))))
+            except (TypeError, KeyError):
+                continue  # a malformed stored slot is skipped, not fatal
+        missing = None
+        if last.action == "ask_slot":
+            _, required = self.policy.action_for(last.intent or "")
+            have = {s.type for s in slots}
+            missing = next((r for r in required if r not in have), None)
+        return RouteDecision(last.intent or "unknown", float(last.confidence or 0.0), slots, last.action,
+                             "stored", missing, last.intent, clar)
+
+    @staticmethod
+    def ground(decision: RouteDecision, top_score: float | None, min_score: float | None) -> RouteDecision:
+        """Answer an out-of-scope / low-confidence message anyway when retrieval found a close passage.
+
+        The intent head knows a fixed list of intents; the knowledge base may cover more. A
+        ``clarify`` decided for ``out_of_scope`` or ``low_confidence`` (or the handoff after
+        too many clarifications) becomes ``answer`` (reason ``grounded:<kind>``) when the best
+        passage's cosine similarity is at least ``min_score``. Other decisions, and every decision when ``min_score`` is None, are
+        returned unchanged.
+        """
+        kind = decision.reason.removeprefix("clarifications_exhausted:")
+        if (min_score is None or top_score is None or top_score < min_score
+                or kind not in ("out_of_scope", "low_confidence")):
+            return decision
+        return RouteDecision(decision.intent, decision.confidence, decision.slots, "answer",
+                             f"grounded:{kind}", None, decision.top_intent, 0)
 
     # -- routing
     def route(self, text: str, previous: RouteDecision | None = None) -> RouteDecision:

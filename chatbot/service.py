@@ -20,6 +20,7 @@ from chatbot.engines.base import ChatMessage, Engine, GenerationParams
 from chatbot.errors import InvalidInputError, RequestTimeoutError
 from chatbot.metrics import Metrics
 from chatbot.prompts import BuiltPrompt, build_prompt
+from chatbot.router import RouteDecision, Router
 from chatbot.store import HUMAN_STATUSES, Handoff, Message, Store, ids_as_str
 from retrieval.documents import Hit
 from retrieval.retriever import Retriever
@@ -88,6 +89,9 @@ class Turn:
         text, finish_reason, prompt_tokens, completion_tokens, latency_ms, ttft_ms:
             filled while / after streaming.
         message_id: id of the stored assistant message.
+        route: the routing decision (intent, confidence, slots, action), None without routing.
+        fixed_reply: the policy's reply of a ``clarify`` / ``ask_slot`` decision; the
+            engine is not called and :meth:`stream` yields (and stores) this text.
     """
 
     request_id: str
@@ -112,6 +116,10 @@ class Turn:
     #: the conversation's status after this message: ``bot``, ``handoff`` or ``human``.
     status: str = "bot"
     user_message_id: int | None = None
+    route: RouteDecision | None = None
+    fixed_reply: str | None = None
+    #: version of the LoRA adapter the engine served when the turn started (None: the base model)
+    adapter_version: str | None = None
     _assistant: "Assistant | None" = field(default=None, repr=False)
     _ticket: Ticket | None = field(default=None, repr=False)
 
@@ -133,6 +141,11 @@ class Turn:
             yield HANDOFF_NOTICE
             return
         a = self._assistant
+        if self.fixed_reply is not None:
+            self.text, self.finish_reason, self.ttft_ms, self.latency_ms = self.fixed_reply, "stop", 0.0, 0.0
+            yield self.fixed_reply
+            await asyncio.to_thread(a.record, self)
+            return
         assert a is not None and self._ticket is not None
         m = a.metrics
         t0 = time.perf_counter()
@@ -182,6 +195,7 @@ class Assistant:
         engine: a started or startable :class:`~chatbot.engines.base.Engine`.
         retriever: search over the published index (None: answer without passages).
         store: the conversation log store.
+        router: routes each customer message (:class:`~chatbot.router.Router`); None answers everything.
     """
 
     def __init__(
@@ -191,8 +205,10 @@ class Assistant:
         retriever: Retriever | None,
         store: Store,
         metrics: Metrics | None = None,
+        router: Router | None = None,
     ) -> None:
         self.settings = settings
+        self.router = router
         self.engine = engine
         self.retriever = retriever
         self.store = store
@@ -202,10 +218,13 @@ class Assistant:
 
         #: redacting, failure-tolerant writer of the conversation (chatbot.conversation_log)
         self.log = ConversationLog(
-            store, build_redactor(settings, entity_head=lambda: getattr(getattr(self, "router", None), "entity_head",
-                                                                        None)),
+            store, build_redactor(settings, entity_head=lambda: getattr(self.router, "entity_head", None)),
             self.metrics,
         )
+        from finetune.adapters import LiveAdapterWatcher
+
+        #: keeps the engine on the promoted adapter (LIVE.json), checked before each generated turn
+        self.adapters = LiveAdapterWatcher(settings)
         max_running = settings.max_concurrent or (settings.max_num_seqs if engine.info.name == "vllm" else 1)
         self.admission = Admission(max_running, settings.max_queued, settings.retry_after_s, self.metrics)
 
@@ -225,7 +244,8 @@ class Assistant:
         engine = build_engine(settings, resolve_chat_model(settings))
         embedder = Embedder(resolve_embedder(settings), name=settings.embedder)
         retriever = Retriever(settings.index_dir, embedder, settings)
-        return cls(settings, engine, retriever, Store(settings.resolved_database_url))
+        router = Router.from_settings(settings) if settings.routing else None
+        return cls(settings, engine, retriever, Store(settings.resolved_database_url), router=router)
 
     async def start_turn(
         self,
@@ -235,7 +255,15 @@ class Assistant:
         history: Sequence[ChatMessage] | None = None,
         channel: str = "api",
     ) -> Turn:
-        """Validate, look up the conversation, retrieve and build the prompt (no generation yet).
+        """Validate, look up the conversation, route, retrieve and build the prompt (no generation yet).
+
+        With a router, the message's decision (:attr:`Turn.route`) is stored with it and acted on:
+        ``handoff`` queues the conversation for a person and returns a held turn; ``clarify`` and
+        ``ask_slot`` return a turn with the policy's fixed reply (no generation); ``answer``
+        generates. A ``clarify`` for an out-of-scope / low-confidence message becomes ``answer``
+        when retrieval finds a passage scoring at least ``route_grounded_min_score``
+        (:meth:`~chatbot.router.Router.ground`). After a filled ``ask_slot`` the retrieval query
+        is the earlier question plus the slot answer.
 
         Args:
             conversation_id: continue this conversation (history from the store), or None for a new one.
@@ -257,20 +285,39 @@ class Assistant:
         )
         if params.max_tokens >= s.max_model_len:
             raise InvalidInputError(f"max_tokens must be < max_model_len ({s.max_model_len}), got {params.max_tokens}")
+        rows: list[Message] = []
         if conversation_id is not None:
             conv = await asyncio.to_thread(self.store.get_conversation, conversation_id)
+            # a few more rows than the prompt keeps: routing state (clarifications, pending slot)
+            rows = await asyncio.to_thread(self.store.history, conversation_id, max(2 * s.history_turns, 6))
+            route = await self._route(user_text, rows)
             if conv.status in HUMAN_STATUSES:  # a person has it: store the message, the bot stays silent
-                return await self.held_turn(conversation_id, user_text, channel, status=conv.status)
-            rows = await asyncio.to_thread(self.store.history, conversation_id, 2 * s.history_turns)
-            history = [ChatMessage(r.role, r.text) for r in rows]
+                return await self.held_turn(conversation_id, user_text, channel, status=conv.status, route=route)
+            history = [ChatMessage(r.role, r.text) for r in rows[-2 * s.history_turns :]] if s.history_turns else []
         else:
+            route = await self._route(user_text, [])
             history = list(history or [])[-2 * s.history_turns :] if s.history_turns else []
         hits: list[Hit] = []
         index_version = None
-        if self.retriever is not None:
-            hits = await asyncio.to_thread(self.retriever.search, user_text, s.top_k, s.min_score)
+        skip_search = route is not None and route.action == "handoff" and route.reason in (
+            "human_request", "handoff_intent")
+        if self.retriever is not None and not skip_search:
+            query = user_text
+            if route is not None and route.reason == "slot_filled":  # the question was in the earlier message
+                earlier = [r.text for r in rows if r.role == "user"]
+                query = f"{earlier[-1]} {user_text}" if earlier else user_text
+            hits = await asyncio.to_thread(self.retriever.search, query, s.top_k, s.min_score)
             index_version = self.retriever.version
+        if route is not None:
+            route = Router.ground(route, hits[0].score if hits else None, s.route_grounded_min_score)
+            self.metrics.intents.labels(route.intent).inc()
+            if route.action == "handoff":
+                return await self._handoff_turn(conversation_id, user_text, channel, route)
+            fixed = self.router.policy.reply_for(route)
+            if fixed is not None:
+                return await self._fixed_turn(conversation_id, user_text, channel, route, fixed)
         await self.engine.start()
+        adapter_version = await self.adapters.sync(self.engine)  # a promoted adapter goes live here
         prompt = build_prompt(
             s.system_prompt,
             user_text,
@@ -291,17 +338,53 @@ class Assistant:
             citations=citations_from_hits(prompt.hits),
             index_version=index_version,
             channel=channel,
+            route=route,
+            adapter_version=adapter_version,
             _assistant=self,
         )
         try:  # the customer's message is stored now, before any reply exists (never lost)
             stored = await asyncio.to_thread(
                 self.log.customer_message, turn.conversation_id, user_text, turn.request_id, channel,
-                turn.new_conversation, getattr(turn, "route", None),
+                turn.new_conversation, route,
             )
         except BaseException:
             ticket.release()
             raise
         turn.user_message_id = stored.id if stored is not None else None
+        return turn
+
+    async def _route(self, text: str, rows: Sequence[Message]) -> RouteDecision | None:
+        """The router's decision for ``text`` given the conversation's stored ``rows`` (None without a router)."""
+        if self.router is None:
+            return None
+
+        def run() -> RouteDecision:
+            return self.router.route(text, self.router.previous_from_messages(rows))
+
+        return await asyncio.to_thread(run)
+
+    async def _fixed_turn(self, conversation_id: str | None, user_text: str, channel: str, route: RouteDecision,
+                          reply: str) -> Turn:
+        """Store the customer's message and return a turn that answers with ``reply`` (no generation)."""
+        turn = Turn(
+            request_id=uuid.uuid4().hex, conversation_id=conversation_id or uuid.uuid4().hex,
+            new_conversation=conversation_id is None, user_text=user_text,
+            prompt=BuiltPrompt(messages=[], hits=[], history_kept=0, prompt_tokens=0),
+            params=GenerationParams(max_tokens=1), citations=[], index_version=None, channel=channel,
+            route=route, fixed_reply=reply, _assistant=self,
+        )
+        stored = await asyncio.to_thread(self.log.customer_message, turn.conversation_id, user_text, turn.request_id,
+                                         channel, turn.new_conversation, route)
+        turn.user_message_id = stored.id if stored is not None else None
+        return turn
+
+    async def _handoff_turn(self, conversation_id: str | None, user_text: str, channel: str,
+                            route: RouteDecision) -> Turn:
+        """Store the customer's message, queue the conversation for a person (reason ``route.reason``)
+        and return a held turn."""
+        turn = await self._fixed_turn(conversation_id, user_text, channel, route, HANDOFF_NOTICE)
+        await self.request_handoff(turn.conversation_id, route.reason, channel=channel)
+        turn.fixed_reply, turn.held, turn.status = None, True, "handoff"
         return turn
 
     async def held_turn(self, conversation_id: str, user_text: str, channel: str = "api",
@@ -321,7 +404,8 @@ class Assistant:
             request_id=request_id, conversation_id=conversation_id, new_conversation=False, user_text=user_text,
             prompt=BuiltPrompt(messages=[], hits=[], history_kept=0, prompt_tokens=0),
             params=GenerationParams(max_tokens=1), citations=[], index_version=None, channel=channel,
-            held=True, status=status, user_message_id=stored.id if stored is not None else None, _assistant=self,
+            held=True, status=status, user_message_id=stored.id if stored is not None else None, route=route,
+            _assistant=self,
         )
 
     async def request_handoff(self, conversation_id: str | None, reason: str, queue: str = "default",
@@ -357,6 +441,7 @@ class Assistant:
         Never raises for a failed write: :class:`~chatbot.conversation_log.ConversationLog`
         reports it and keeps the reply for a retry (``turn.message_id`` stays None).
         """
+        fixed = turn.fixed_reply is not None
         reply = Message(
             conversation_id="",
             role="assistant",
@@ -364,8 +449,10 @@ class Assistant:
             chunk_ids=ids_as_str([h.chunk_id for h in turn.prompt.hits]),
             chunk_scores=[round(h.score, 4) for h in turn.prompt.hits],
             citations=[c.as_dict() for c in turn.citations],
-            model=self.engine.info.model,
-            engine=self.engine.info.name,
+            model=None if fixed else self.engine.info.model,
+            engine="router" if fixed else self.engine.info.name,
+            adapter_version=turn.adapter_version,
+            action=turn.route.action if fixed and turn.route is not None else None,
             index_version=turn.index_version,
             finish_reason=turn.finish_reason,
             latency_ms=turn.latency_ms,

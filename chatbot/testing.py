@@ -37,7 +37,8 @@ class Server:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
-def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, **env_settings: str) -> Server:
+def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, routing: bool = False,
+                 **env_settings: str) -> Server:
     """Run ``chatbot setup`` then ``chatbot serve`` with data in ``tmp/var``; wait for ``/healthz``.
 
     Args:
@@ -45,6 +46,9 @@ def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, **env_s
         kb: the documents folder to ingest.
         engine: ``transformers``, ``vllm`` or ``auto``.
         timeout: seconds to wait for the server to answer.
+        routing: route messages with the shipped heads (``CHATBOT_ROUTING``). Off by default:
+            the tests and benchmarks that use a live server measure the engine and the API, and
+            a greeting would otherwise get the policy's fixed clarify reply instead of generation.
         env_settings: more settings, e.g. ``MAX_QUEUED="0"`` becomes ``CHATBOT_MAX_QUEUED=0``.
 
     Raises:
@@ -60,6 +64,7 @@ def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, **env_s
         "CHATBOT_MAX_NEW_TOKENS": "48",
         "CHATBOT_MAX_MODEL_LEN": "1024",
         "HF_HUB_OFFLINE": "1",
+        "CHATBOT_ROUTING": "true" if routing else "false",
         **{f"CHATBOT_{k.upper()}": v for k, v in env_settings.items()},
     }
     cli = [sys.executable, "-m", "chatbot.cli"]

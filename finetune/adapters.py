@@ -499,6 +499,7 @@ class LiveAdapterWatcher:
         self._engine_fp: dict[str, str] = {}
         #: The last error met while applying the pointer (None when the last change applied).
         self.last_error: str | None = None
+        self._lock = None  # asyncio.Lock, made in the serving event loop on first use
 
     def _pointer_mtime(self) -> int | None:
         try:
@@ -515,16 +516,24 @@ class LiveAdapterWatcher:
         """
         from chatbot.errors import ChatbotError
 
+        import asyncio
+
         mtime = self._pointer_mtime()
         if mtime == self._mtime:
             return engine.info.adapter_version
-        try:
-            return await self._apply(engine, mtime)
-        except ChatbotError as exc:
-            self.last_error = str(exc)
-            self._mtime = mtime
-            log.error("keeping adapter %s: %s", engine.info.adapter_version or "none (base model)", exc)
-            return engine.info.adapter_version
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # concurrent turns: one applies the change, the others wait for it
+            mtime = self._pointer_mtime()
+            if mtime == self._mtime:
+                return engine.info.adapter_version
+            try:
+                return await self._apply(engine, mtime)
+            except ChatbotError as exc:
+                self.last_error = str(exc)
+                self._mtime = mtime
+                log.error("keeping adapter %s: %s", engine.info.adapter_version or "none (base model)", exc)
+                return engine.info.adapter_version
 
     async def _apply(self, engine, mtime) -> str | None:
         import asyncio

@@ -10,7 +10,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from pathlib import Path
+
 from chatbot.engines.base import ChatMessage, Engine, EngineInfo, GenerationParams, StreamChunk
+from chatbot.router import RoutingPolicy
+from finetune.heads import IntentPrediction, Slot
+
+ROUTING_POLICY = Path(__file__).resolve().parents[2] / "data" / "routing.yaml"
 
 
 class ScriptedEngine(Engine):
@@ -56,3 +62,36 @@ def make_assistant(tmp_path, engine: Engine | None = None, url: str | None = Non
     s = Settings(data_dir=tmp_path / "var", **settings)
     store = Store(url or s.resolved_database_url)
     return Assistant(s, engine or ScriptedEngine(), None, store)
+
+
+class TableHead:
+    """A stand-in intent head: a fixed prediction per message (the decision logic is what is tested)."""
+
+    labels = sorted(RoutingPolicy.from_file(ROUTING_POLICY).intents) + ["out_of_scope"]
+    oos_label = "out_of_scope"
+
+    def __init__(self, table: dict[str, tuple[str, float]], threshold: float = 0.5):
+        self.table = table
+        self.threshold = threshold
+
+    def predict(self, texts, threshold=None):
+        t = self.threshold if threshold is None else threshold
+        out = []
+        for text in texts:
+            label, conf = self.table.get(text, ("out_of_scope", 0.9))
+            below = conf < t
+            oos = below or label == self.oos_label
+            out.append(IntentPrediction("out_of_scope" if oos else label, conf, label, oos, below))
+        return out
+
+
+class SlotHead:
+    """A stand-in entity head: order numbers are digit runs (to test slot handling)."""
+
+    labels = ("O", "B-order_id", "I-order_id")
+
+    def predict(self, texts):
+        import re
+
+        return [[Slot("order_id", m.group(), m.start(), m.end(), 0.99) for m in re.finditer(r"\d{6,}", t)]
+                for t in texts]

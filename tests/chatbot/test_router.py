@@ -9,43 +9,10 @@ import pytest
 from chatbot.config import Settings
 from chatbot.errors import ConfigError, InvalidInputError, NotFoundError
 from chatbot.router import RouteDecision, Router, RoutingPolicy
-from finetune.heads import IntentPrediction, Slot
+from tests.chatbot.fakes import SlotHead, TableHead
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "data" / "routing.yaml"
-
-
-class TableHead:
-    """A stand-in intent head: a fixed prediction per message (the decision logic is what is tested)."""
-
-    labels = sorted(RoutingPolicy.from_file(POLICY).intents) + ["out_of_scope"]
-    oos_label = "out_of_scope"
-
-    def __init__(self, table: dict[str, tuple[str, float]], threshold: float = 0.5):
-        self.table = table
-        self.threshold = threshold
-
-    def predict(self, texts, threshold=None):
-        t = self.threshold if threshold is None else threshold
-        out = []
-        for text in texts:
-            label, conf = self.table.get(text, ("out_of_scope", 0.9))
-            below = conf < t
-            oos = below or label == self.oos_label
-            out.append(IntentPrediction("out_of_scope" if oos else label, conf, label, oos, below))
-        return out
-
-
-class SlotHead:
-    """A stand-in entity head: order numbers are digit runs (to test slot handling)."""
-
-    labels = ("O", "B-order_id", "I-order_id")
-
-    def predict(self, texts):
-        import re
-
-        return [[Slot("order_id", m.group(), m.start(), m.end(), 0.99) for m in re.finditer(r"\d{6,}", t)]
-                for t in texts]
 
 
 @pytest.fixture

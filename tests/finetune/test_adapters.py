@@ -69,19 +69,26 @@ def test_signoff_adapter_changes_the_transformers_reply_without_restart(signoff_
     asyncio.run(engine.set_adapter(None, None))
     assert _reply(engine, "base-again") == base and engine.info.adapter_version is None
 
-    # the service path: promote writes LIVE.json, the watcher moves the running engine onto it
-    settings = Settings(model=signoff_adapter["base"], data_dir=tmp_path)
+    # the service path: promote writes LIVE.json; the running assistant's next turn is served (and
+    # logged) with the adapter, a rollback's next turn with the base model, without a restart
+    from chatbot.service import Assistant
+    from chatbot.store import Store
+
+    settings = Settings(model=signoff_adapter["base"], data_dir=tmp_path, max_new_tokens=20, routing=False)
+    a = Assistant(settings, engine, None, Store(settings.resolved_database_url))
     reg = settings.resolved_adapters_dir / "signoff"
     shutil.copytree(signoff_adapter["path"], reg)
     with pytest.raises(AdapterError, match="has no metrics to gate on"):
         promote("signoff", settings)
+    before = asyncio.run(a.respond(None, PROMPT[0].content))
     promote("signoff", settings, force=True)
-    watcher = LiveAdapterWatcher(settings)
-    assert asyncio.run(watcher.sync(engine)) == signoff_adapter["version"]
-    assert SIGN_OFF in _reply(engine, "live")
+    live = asyncio.run(a.respond(None, PROMPT[0].content))
     rollback(settings)
-    assert asyncio.run(watcher.sync(engine)) is None
-    assert _reply(engine, "rolled-back") == base
+    after = asyncio.run(a.respond(None, PROMPT[0].content))
+    assert SIGN_OFF not in before.text and SIGN_OFF in live.text and SIGN_OFF not in after.text
+    stored = [a.store.messages(t.conversation_id)[-1].adapter_version for t in (before, live, after)]
+    assert stored == [None, signoff_adapter["version"], None]
+    assert a.adapters.last_error is None
 
 
 @pytest.mark.slow

@@ -1,0 +1,192 @@
+"""Routing wired into the service and the API: each customer message is routed before it is stored,
+and the decision is acted on (answer / ask for a slot / clarify / hand off), recorded and returned.
+
+Stand-in heads (fakes.TableHead, fakes.SlotHead) keep the decisions exact; the last test runs the
+shipped heads through the HTTP API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+from fastapi.testclient import TestClient
+
+from chatbot.router import Router, RoutingPolicy
+from chatbot.service import HANDOFF_NOTICE
+from tests.chatbot.fakes import ROUTING_POLICY, ScriptedEngine, SlotHead, TableHead, make_assistant
+
+TABLE = {
+    "Where is my parcel?": ("track_order", 0.97),
+    "It is 12345678": ("track_order", 0.60),
+    "Where is order 87654321?": ("track_order", 0.98),
+    "How do I pay by card?": ("check_payment_methods", 0.95),
+    "This is the worst service ever": ("complaint", 0.96),
+}
+
+
+def routed_assistant(tmp_path, retriever=None, **settings):
+    engine = ScriptedEngine("Here is what I found [1].")
+    a = make_assistant(tmp_path, engine, **settings)
+    a.router = Router(RoutingPolicy.from_file(ROUTING_POLICY), TableHead(TABLE), SlotHead())
+    a.retriever = retriever
+    return a, engine
+
+
+@dataclass
+class Hit:  # the fields the service and prompt builder read from retrieval.documents.Hit
+    chunk_id: int
+    doc_id: str
+    title: str
+    source: str
+    text: str
+    score: float
+    headings: tuple = ()
+
+
+class FixedRetriever:
+    """Returns one passage with a fixed score; records the queries."""
+
+    version = "v-test"
+
+    def __init__(self, score: float):
+        self.score = score
+        self.queries: list[str] = []
+
+    def search(self, query, k, min_score=None):
+        self.queries.append(query)
+        return [Hit(7, "shipping.md", "Shipping", "kb/shipping.md", "Orders ship in 2 days.", self.score)]
+
+
+def test_missing_slot_is_asked_for_then_answered_with_the_earlier_question(tmp_path):
+    retriever = FixedRetriever(0.6)
+    a, engine = routed_assistant(tmp_path, retriever)
+
+    async def run():
+        t1 = await a.respond(None, "Where is my parcel?")
+        t2 = await a.respond(t1.conversation_id, "It is 12345678")
+        return t1, t2
+
+    t1, t2 = asyncio.run(run())
+    assert (t1.route.action, t1.route.missing_slot, t1.finish_reason) == ("ask_slot", "order_id", "stop")
+    assert t1.text == "Could you give me your order number, please?"
+    assert (t2.route.action, t2.route.reason, t2.route.intent) == ("answer", "slot_filled", "track_order")
+    assert [(s.type, s.value) for s in t2.route.slots] == [("order_id", "12345678")]
+    assert len(engine.prompts) == 1  # only the answer was generated
+    # the retrieval query of the answer carries the earlier question
+    assert retriever.queries[-1] == "Where is my parcel? It is 12345678"
+    rows = a.store.messages(t1.conversation_id)
+    assert [(m.role, m.intent, m.action, m.engine) for m in rows] == [
+        ("user", "track_order", "ask_slot", None),
+        ("assistant", None, "ask_slot", "router"),
+        ("user", "track_order", "answer", None),
+        ("assistant", None, None, "scripted"),
+    ]
+    assert rows[2].slots[0]["type"] == "order_id" and rows[2].confidence == pytest.approx(0.60)
+    body, _ = a.metrics.render()
+    assert b'chatbot_intents_total{intent="track_order"} 2.0' in body
+
+
+def test_out_of_scope_clarifies_once_then_hands_off(tmp_path):
+    a, engine = routed_assistant(tmp_path)
+
+    async def run():
+        t1 = await a.respond(None, "Write me a poem about the sea")
+        t2 = await a.respond(t1.conversation_id, "What is the capital of France?")
+        t3 = await a.respond(t1.conversation_id, "Hello?")
+        return t1, t2, t3
+
+    t1, t2, t3 = asyncio.run(run())
+    assert (t1.route.action, t1.route.reason, t1.held) == ("clarify", "out_of_scope", False)
+    assert t1.text == RoutingPolicy.from_file(ROUTING_POLICY).clarify_message
+    assert (t2.route.action, t2.route.reason, t2.held, t2.status) == (
+        "handoff", "clarifications_exhausted:out_of_scope", True, "handoff")
+    assert t2.text == HANDOFF_NOTICE and t3.held and t3.status == "handoff"
+    assert engine.prompts == []
+    cid = t1.conversation_id
+    assert a.store.get_conversation(cid).status == "handoff"
+    assert [(m.role, m.action) for m in a.store.messages(cid)] == [
+        ("user", "clarify"), ("assistant", "clarify"), ("user", "handoff"), ("user", "held")]
+    body, _ = a.metrics.render()
+    assert b'chatbot_handoffs_total{reason="clarifications_exhausted:out_of_scope"} 1.0' in body
+
+
+def test_a_close_passage_answers_an_out_of_scope_message(tmp_path):
+    a, engine = routed_assistant(tmp_path, FixedRetriever(0.55), route_grounded_min_score=0.4)
+    t = asyncio.run(a.respond(None, "my promo code is rejected"))
+    assert (t.route.action, t.route.reason, t.route.intent) == ("answer", "grounded:out_of_scope", "out_of_scope")
+    assert t.text == "Here is what I found [1]." and len(engine.prompts) == 1
+    # below the score, or with grounding off, the policy's clarify stands
+    for score, setting in ((0.3, 0.4), (0.9, None)):
+        b, _ = routed_assistant(tmp_path / f"{score}", FixedRetriever(score), route_grounded_min_score=setting)
+        assert asyncio.run(b.respond(None, "my promo code is rejected")).route.action == "clarify"
+
+
+def test_complaint_and_human_request_hand_off_at_once_without_retrieval(tmp_path):
+    retriever = FixedRetriever(0.9)
+    a, engine = routed_assistant(tmp_path, retriever)
+    t1 = asyncio.run(a.respond(None, "This is the worst service ever"))
+    t2 = asyncio.run(a.respond(None, "can I talk to a real person"))
+    assert (t1.route.reason, t1.status) == ("handoff_intent", "handoff")
+    assert (t2.route.reason, t2.status) == ("human_request", "handoff")
+    assert retriever.queries == [] and engine.prompts == []
+    queue = a.store.handoff_queue()
+    assert sorted(h["conversation_id"] for h in queue) == sorted([t1.conversation_id, t2.conversation_id])
+
+
+def test_without_a_router_every_message_is_answered(tmp_path):
+    a = make_assistant(tmp_path)
+    t = asyncio.run(a.respond(None, "Write me a poem about the sea"))
+    assert t.route is None and t.finish_reason == "stop" and not t.held
+    assert a.store.messages(t.conversation_id)[0].action is None
+
+
+def test_api_returns_the_route_and_streams_it_first(tmp_path):
+    from chatbot.api import create_app
+
+    a, _ = routed_assistant(tmp_path)
+    with TestClient(create_app(a.settings, assistant=a, mount_ui=False)) as client:
+        r = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Where is order 87654321?"}], "max_tokens": 20})
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "bot"
+        route = body["route"]
+        assert (route["intent"], route["action"], route["reason"]) == ("track_order", "answer", "policy")
+        assert route["confidence"] == pytest.approx(0.98)
+        assert route["slots"] == [{"type": "order_id", "value": "87654321", "start": 15, "end": 23, "score": 0.99}]
+        assert body["choices"][0]["message"]["content"] == "Here is what I found [1]."
+
+        with client.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "I want to talk to a human"}], "stream": True}) as s:
+            import json
+
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert events[0]["route"]["action"] == "handoff" and events[0]["status"] == "handoff"
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == HANDOFF_NOTICE
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.slow
+def test_shipped_heads_route_through_the_api(tmp_path):
+    """The committed heads and policy, as ``make run`` serves them (no retrieval here)."""
+    from chatbot.api import create_app
+
+    a = make_assistant(tmp_path)
+    a.router = Router.from_settings(a.settings)
+    with TestClient(create_app(a.settings, assistant=a, mount_ui=False)) as client:
+        def chat(text, cid=None):
+            body = {"messages": [{"role": "user", "content": text}], "max_tokens": 20}
+            if cid:
+                body["conversation_id"] = cid
+            return client.post("/v1/chat/completions", json=body).json()
+
+        human = chat("I want to talk to a human")
+        assert (human["route"]["action"], human["status"]) == ("handoff", "handoff")
+        assert client.get(f"/v1/conversations/{human['conversation_id']}").json()["status"] == "handoff"
+        track = chat("where is my order 00123842?")
+        assert (track["route"]["intent"], track["route"]["action"]) == ("track_order", "answer")
+        assert [(s["type"], s["value"]) for s in track["route"]["slots"]] == [("order_id", "00123842")]
+        off = chat("Write me a poem about the sea")
+        assert (off["route"]["intent"], off["route"]["action"]) == ("out_of_scope", "clarify")
+        assert off["choices"][0]["message"]["content"] == a.router.policy.clarify_message
