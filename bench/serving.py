@@ -13,6 +13,9 @@ Printed: tokens/s, requests/s, TTFT p50/p95, latency p50/p95, failures, and the
 ratios a/b and a/c. JSON results go to ``--json``.
 
     python bench/serving.py --concurrency 1 4 16 64 --max-tokens 64 --json bench/serving.json
+
+Engine settings for a tuning run apply to every system: ``--set ENABLE_LORA=false --set DTYPE=float32``
+(``CHATBOT_<NAME>`` for the servers, the same Settings field for the raw engine).
 """
 
 from __future__ import annotations
@@ -179,8 +182,16 @@ def main() -> int:
     ap.add_argument("--stagger", type=float, default=0.05, help="seconds between customer arrivals")
     ap.add_argument("--hf-max-concurrency", type=int, default=16,
                     help="skip server-hf above this N (it serves one reply at a time)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a chatbot setting for every system, e.g. MAX_NUM_SEQS=64 (repeatable)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "serving.json")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            ap.error(f"--set takes NAME=VALUE, got {item!r}")
+        overrides[name.upper()] = value
 
     from chatbot.testing import start_server, stop_server
 
@@ -188,7 +199,7 @@ def main() -> int:
     kb = ROOT / "data" / "kb"
     results: dict[str, dict[int, dict]] = {s: {} for s in systems}
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    env = {"MAX_NEW_TOKENS": str(args.max_tokens), "MAX_MODEL_LEN": "2048", "MAX_QUEUED": "512"}
+    env = {"MAX_NEW_TOKENS": str(args.max_tokens), "MAX_MODEL_LEN": "2048", "MAX_QUEUED": "512", **overrides}
     for system in systems:
         if system.startswith("server-"):
             engine = "vllm" if system == "server-vllm" else "transformers"
@@ -208,7 +219,8 @@ def main() -> int:
             from chatbot.config import Settings
             from chatbot.engines import build_engine
 
-            s = Settings(engine="vllm", max_model_len=2048, data_dir=tmp / "raw")
+            s = Settings(engine="vllm", max_model_len=2048, data_dir=tmp / "raw",
+                         **{k.lower(): v for k, v in overrides.items() if k not in ("MAX_NEW_TOKENS", "MAX_QUEUED")})
             engine = build_engine(s, resolve_chat_model(s))
 
             async def run_all() -> None:

@@ -114,6 +114,11 @@ def cmd_chat(args) -> int:
                     print()
                     for c in turn.citations:
                         print(f"     [{c.number}] {c.title} ({c.source})")
+                    if turn.route is not None:
+                        r = turn.route
+                        slots = ", ".join(f"{sl.type}={sl.value}" for sl in r.slots)
+                        print(f"     (intent {r.intent} {r.confidence:.2f}, {r.action}: {r.reason}"
+                              f"{'; ' + slots if slots else ''})")
                     conv = turn.conversation_id
                 except ChatbotError as exc:
                     print(f"\nerror: {exc}")
