@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     model: str = Field(default=EMBEDDED_CHAT_MODEL, description="Chat model: HF id, local path or the embedded one.")
     embedder: str = Field(default=EMBEDDED_EMBEDDER, description="Sentence-transformers model: id, path or embedded.")
     engine: Literal["auto", "vllm", "transformers", "remote"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        default="auto", description="auto: vLLM bf16 on GPUs and CPUs with native bf16, else fp32; transformers fp32.")
     max_model_len: int = Field(default=2048, ge=256)
     max_new_tokens: int = Field(default=200, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
@@ -129,8 +130,10 @@ class Settings(BaseSettings):
     adapters_dir: Path | None = Field(
         default=None, description="Adapter registry and the LIVE.json pointer; default data_dir/adapters."
     )
-    enable_lora: bool = Field(
-        default=True, description="vLLM: start with LoRA support, so a promoted adapter is served without restart."
+    enable_lora: bool | None = Field(
+        default=None,
+        description="vLLM: start with LoRA support, so promoted adapters are served without restart. None (auto): "
+                    "on when the adapter registry holds an adapter (LoRA support slows every request).",
     )
     max_loras: int = Field(default=2, ge=1, description="vLLM: adapters held on the device at once.")
     max_lora_rank: int = Field(default=64, ge=1, description="vLLM: highest LoRA rank it can serve.")

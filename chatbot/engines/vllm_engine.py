@@ -165,7 +165,8 @@ class VLLMEngine(Engine):
         if not self.enable_lora:
             raise EngineError(
                 f"cannot serve adapter {version or path!r}: vLLM was started without LoRA support "
-                "(enable_lora must be true, got false; set CHATBOT_ENABLE_LORA=true and restart)"
+                "(enable_lora is false; restart the server: it starts with LoRA support when the adapter registry "
+                "holds an adapter, or set CHATBOT_ENABLE_LORA=true)"
             )
         if self._engine is None:
             await self.start()
