@@ -9,8 +9,10 @@ For each concurrency N (default 1 4 16 64) every customer arrives ``--stagger``
 seconds after the previous one and asks ``--turns`` questions taken from the
 Bitext customer-support set (streamed; TTFT is the first content chunk).
 
-Printed: tokens/s, requests/s, TTFT p50/p95, latency p50/p95, failures, and the
-ratios a/b and a/c. JSON results go to ``--json``.
+Printed: tokens/s, requests/s, TTFT p50/p95, latency p50/p95, failures, the CPU seconds
+of this process during the run (servers: the HTTP client, on the same cores as the server;
+raw-vllm: vLLM's front end, in this process), and the ratios a/b and a/c. Each system gets
+one unmeasured warm-up request first. JSON results go to ``--json``.
 
     python bench/serving.py --concurrency 1 4 16 64 --max-tokens 64 --json bench/serving.json
 
@@ -59,7 +61,9 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def summarize(records: list[dict], wall_s: float) -> dict:
+def summarize(records: list[dict], wall_s: float, client_cpu_s: float = float("nan")) -> dict:
+    """Totals and percentiles of one run; ``client_cpu_s``: CPU seconds this (client) process used,
+    taken from the same cores as the system under test."""
     ok = [r for r in records if r["ok"]]
     tokens = sum(r["tokens"] for r in ok)
     return {
@@ -73,7 +77,15 @@ def summarize(records: list[dict], wall_s: float) -> dict:
         "latency_p95_s": pct([r["latency"] for r in ok], 95),
         "wall_s": wall_s,
         "tokens": tokens,
+        "client_cpu_s": client_cpu_s,
     }
+
+
+def measure(run) -> dict:
+    """``run()`` -> (records, wall_s); summarized with the client's CPU time."""
+    cpu0 = time.process_time()
+    records, wall = run()
+    return summarize(records, wall, time.process_time() - cpu0)
 
 
 async def drive_http(url: str, questions: list[list[str]], max_tokens: int, stagger: float) -> tuple[list[dict], float]:
@@ -205,12 +217,14 @@ def main() -> int:
             engine = "vllm" if system == "server-vllm" else "transformers"
             server = start_server(tmp / system, kb, engine, **env)
             try:
+                # one unmeasured request first: lazy loads (index, tokenizer) are not part of N=1
+                asyncio.run(drive_http(server.url, [load_questions(1, seed=7)], args.max_tokens, 0))
                 for n in args.concurrency:
                     if system == "server-hf" and n > args.hf_max_concurrency:
                         continue
                     qs = [load_questions(args.turns, seed=1000 * n + i) for i in range(n)]
-                    records, wall = asyncio.run(drive_http(server.url, qs, args.max_tokens, args.stagger))
-                    results[system][n] = summarize(records, wall)
+                    results[system][n] = measure(
+                        lambda: asyncio.run(drive_http(server.url, qs, args.max_tokens, args.stagger)))
                     print(f"{system:12s} N={n:3d} {results[system][n]['tokens_per_s']:.1f} tok/s", flush=True)
             finally:
                 stop_server(server)
@@ -226,11 +240,14 @@ def main() -> int:
             async def run_all() -> None:
                 await engine.start()
                 try:
+                    await drive_raw_vllm(engine, build_prompts([load_questions(1, seed=7)], kb, tmp / "raw"),
+                                         args.max_tokens, 0)  # unmeasured warm-up, as for the servers
                     for n in args.concurrency:
                         qs = [load_questions(args.turns, seed=1000 * n + i) for i in range(n)]
                         prompts = build_prompts(qs, kb, tmp / "raw")
+                        cpu0 = time.process_time()
                         records, wall = await drive_raw_vllm(engine, prompts, args.max_tokens, args.stagger)
-                        results[system][n] = summarize(records, wall)
+                        results[system][n] = summarize(records, wall, time.process_time() - cpu0)
                         print(f"{system:12s} N={n:3d} {results[system][n]['tokens_per_s']:.1f} tok/s", flush=True)
                 finally:
                     await engine.close()
@@ -238,13 +255,13 @@ def main() -> int:
             asyncio.run(run_all())
 
     header = (f"{'system':12s} {'N':>4s} {'tok/s':>8s} {'req/s':>7s} {'TTFT p50':>9s} {'TTFT p95':>9s} "
-              f"{'lat p50':>8s} {'lat p95':>8s} {'fail':>5s}")
+              f"{'lat p50':>8s} {'lat p95':>8s} {'fail':>5s} {'client CPU s':>12s}")
     print("\n" + header + "\n" + "-" * len(header))
     for system in systems:
         for n, r in sorted(results[system].items()):
             print(f"{system:12s} {n:4d} {fmt(r['tokens_per_s'], 1):>8s} {fmt(r['requests_per_s']):>7s} "
                   f"{fmt(r['ttft_p50_s']):>9s} {fmt(r['ttft_p95_s']):>9s} {fmt(r['latency_p50_s']):>8s} "
-                  f"{fmt(r['latency_p95_s']):>8s} {r['failures']:5d}")
+                  f"{fmt(r['latency_p95_s']):>8s} {r['failures']:5d} {fmt(r['client_cpu_s'], 1):>12s}")
     print("\nratios (tokens/s):")
     for n in args.concurrency:
         a = results.get("server-vllm", {}).get(n, {}).get("tokens_per_s")

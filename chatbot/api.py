@@ -53,6 +53,36 @@ def _error(status: int, message: str, type_: str, code: str | None = None) -> JS
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "code": code}})
 
 
+class _RequestCounter:
+    """Pure ASGI middleware: counts ``/v1/chat/completions``, ``/v1/models`` and ``/healthz`` responses by
+    status in ``chatbot_requests_total``. (Starlette's ``BaseHTTPMiddleware`` would copy every streamed
+    token of a reply through an extra memory stream.)"""
+
+    PATHS = ("/v1/chat/completions", "/v1/models", "/healthz")
+
+    def __init__(self, app, assistant) -> None:
+        self.app = app
+        self.assistant = assistant  # () -> the Assistant or None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            a = self.assistant()
+            if a is not None and status:
+                a.metrics.requests.labels(scope["path"], str(status[0])).inc()
+
+
 def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool = True) -> FastAPI:
     """Build the FastAPI app.
 
@@ -95,14 +125,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
             resp.headers["Retry-After"] = str(exc.retry_after_s)
         return resp
 
-    @app.middleware("http")
-    async def _count_requests(request: Request, call_next):
-        response = await call_next(request)
-        a = app.state.assistant
-        path = request.url.path
-        if a is not None and path in ("/v1/chat/completions", "/v1/models", "/healthz"):
-            a.metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_RequestCounter, assistant=lambda: app.state.assistant)
 
     @app.get("/metrics")
     async def metrics() -> Response:

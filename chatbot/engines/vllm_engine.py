@@ -43,6 +43,22 @@ def configure_cpu_threads(kv_cache_space_gib: int) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")
 
 
+def _leave_cores_to_the_engine() -> None:
+    """On CPU, run this (front-end) process's own torch work (query embedding, routing heads) on one
+    thread: the engine core's OpenMP threads are bound to every core, and a second multi-threaded
+    torch pool in this process preempts them, which stalls each batched step at its barrier."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+    except Exception:  # platform detection is best effort
+        return
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class VLLMEngine(Engine):
     """Chat engine on ``vllm.v1.engine.async_llm.AsyncLLM``.
 
@@ -136,6 +152,7 @@ class VLLMEngine(Engine):
             self._engine = AsyncLLM.from_engine_args(args)
         except Exception as exc:
             raise EngineError(f"cannot start vLLM on {self.model_path!r}: {exc}") from exc
+        _leave_cores_to_the_engine()
         log.info("vLLM engine ready: %s (stop ids %s)", self.model_path, self._stop_ids)
 
     @property
