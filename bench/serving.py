@@ -233,8 +233,9 @@ def main() -> int:
             from chatbot.config import Settings
             from chatbot.engines import build_engine
 
-            s = Settings(engine="vllm", max_model_len=2048, data_dir=tmp / "raw",
-                         **{k.lower(): v for k, v in overrides.items() if k not in ("MAX_NEW_TOKENS", "MAX_QUEUED")})
+            kw = {"engine": "vllm", "max_model_len": 2048, "data_dir": tmp / "raw"}
+            kw.update({k.lower(): v for k, v in overrides.items() if k not in ("MAX_NEW_TOKENS", "MAX_QUEUED")})
+            s = Settings(**kw)
             engine = build_engine(s, resolve_chat_model(s))
 
             async def run_all() -> None:

@@ -102,6 +102,8 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
         if a is None:
             a = Assistant.from_settings(settings)
             app.state.assistant = a
+        if a.router is not None:  # a broken head or policy stops the start with a clear error
+            await asyncio.to_thread(a.router.warm)
         await a.engine.start()
         await a.adapters.sync(a.engine)  # the promoted adapter (LIVE.json), if any, from the first request on
         log.info("serving %s on engine %s (adapter %s)", a.engine.info.model, a.engine.info.name,
@@ -142,7 +144,12 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
         base = a.engine.info.model
         data = [{"id": base, "object": "model", "created": 0, "owned_by": "chatbot", "engine": a.engine.info.name,
                  "served": a.engine.info.adapter_version is None}]
-        for rec in await asyncio.to_thread(list_adapters, a.settings):
+        try:
+            adapters = await asyncio.to_thread(list_adapters, a.settings)
+        except ChatbotError as exc:  # a broken registry pointer must not take the model list down
+            log.error("cannot list adapters: %s", exc)
+            adapters = []
+        for rec in adapters:
             data.append({"id": rec.version, "object": "model", "created": 0, "owned_by": "chatbot", "parent": base,
                          "live": rec.live, "served": rec.version == a.engine.info.adapter_version})
         return {"object": "list", "data": data}

@@ -47,7 +47,8 @@ class Settings(BaseSettings):
             field and the value.
     """
 
-    model_config = SettingsConfigDict(env_prefix="CHATBOT_", extra="forbid")
+    # ``CHATBOT_X=none`` sets an optional field to None (e.g. CHATBOT_ROUTE_GROUNDED_MIN_SCORE=none)
+    model_config = SettingsConfigDict(env_prefix="CHATBOT_", extra="forbid", env_parse_none_str="none")
 
     # --- where things live
     data_dir: Path = Field(default=PROJECT_ROOT / "var", description="Index versions and the SQLite store.")

@@ -37,6 +37,13 @@ class _Pending:
     customer_ref: str | None
 
 
+def _slot_in(text: str, slot) -> bool:
+    """True when ``slot`` (``start``, ``end``, ``value``) marks exactly its value in ``text``."""
+    get = slot.get if isinstance(slot, dict) else (lambda k, d=None: getattr(slot, k, d))
+    start, end, value = get("start"), get("end"), get("value")
+    return isinstance(start, int) and isinstance(end, int) and text[start:end] == value
+
+
 class ConversationLog:
     """Redacting, failure-tolerant writer of conversation messages.
 
@@ -149,7 +156,10 @@ class ConversationLog:
             The stored message, or None when the write was kept for a retry.
         """
         slots = list(getattr(route, "slots", None) or [])
-        red = self.redactor.redact(text, slots=slots if route is not None else None)
+        # spans come only from slots found in this text: a route can carry slots over from an earlier
+        # message (a filled ask_slot), whose offsets point into that message
+        own = [s for s in slots if _slot_in(text, s)]
+        red = self.redactor.redact(text, slots=own if route is not None else None)
         msg = Message(
             conversation_id=conversation_id, role="user", text=red.text, request_id=request_id,
             intent=getattr(route, "intent", None), confidence=getattr(route, "confidence", None),
@@ -177,12 +187,12 @@ class ConversationLog:
         return self.store.staff_reply(conversation_id, user_id, red.text, redactions=red.counts or None)
 
     def request_handoff(self, conversation_id: str | None, reason: str, queue: str = "default",
-                        channel: str = "web", customer_ref: str | None = None) -> Handoff:
+                        channel: str = "web", customer_ref: str | None = None, intent: str | None = None) -> Handoff:
         """Queue the conversation for a person (see :meth:`chatbot.store.Store.request_handoff`)."""
         if self._pending:
             self.flush()
         return self.store.request_handoff(conversation_id, reason, queue=queue, channel=channel,
-                                          customer_ref=customer_ref)
+                                          customer_ref=customer_ref, intent=intent)
 
 
 __all__ = ["ConversationLog"]

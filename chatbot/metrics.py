@@ -28,6 +28,7 @@ class Metrics:
         aborted: ``chatbot_requests_aborted_total``: client disconnected before the end.
         intents: ``chatbot_intents_total{intent}``.
         handoffs: ``chatbot_handoffs_total{reason}``.
+        routing_errors: ``chatbot_routing_errors_total``: messages answered unrouted because routing failed.
     """
 
     def __init__(self) -> None:
@@ -46,6 +47,8 @@ class Metrics:
         self.aborted = Counter("chatbot_requests_aborted", "Requests whose client went away", registry=r)
         self.intents = Counter("chatbot_intents", "Routed intents", ["intent"], registry=r)
         self.handoffs = Counter("chatbot_handoffs", "Handoffs to a human", ["reason"], registry=r)
+        self.routing_errors = Counter("chatbot_routing_errors", "Messages answered unrouted: routing failed",
+                                      registry=r)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) for the ``/metrics`` endpoint."""

@@ -187,7 +187,8 @@ class RouteDecision:
         action: ``answer`` | ``ask_slot`` | ``handoff`` | ``clarify``.
         reason: why: ``human_request``, ``handoff_intent``, ``out_of_scope``,
             ``low_confidence``, ``missing_slot``, ``slot_filled``, ``clarifications_exhausted``
-            (with ``:out_of_scope`` / ``:low_confidence``) or ``policy``.
+            (with ``:out_of_scope`` / ``:low_confidence``), ``grounded:<kind>`` (:meth:`Router.ground`),
+            ``stored`` (rebuilt from the store) or ``policy``.
         missing_slot: the slot type to ask for (``ask_slot`` only).
         top_intent: the intent head's argmax label, even when out of scope.
         clarifications: consecutive ``clarify`` decisions up to and including this one.
@@ -353,9 +354,11 @@ class Router:
         passage's cosine similarity is at least ``min_score``. Other decisions, and every decision when ``min_score`` is None, are
         returned unchanged.
         """
+        exhausted = decision.reason.startswith("clarifications_exhausted:")
         kind = decision.reason.removeprefix("clarifications_exhausted:")
         if (min_score is None or top_score is None or top_score < min_score
-                or kind not in ("out_of_scope", "low_confidence")):
+                or kind not in ("out_of_scope", "low_confidence")
+                or not (decision.action == "clarify" or exhausted)):  # a configured handoff stays a handoff
             return decision
         return RouteDecision(decision.intent, decision.confidence, decision.slots, "answer",
                              f"grounded:{kind}", None, decision.top_intent, 0)

@@ -110,15 +110,15 @@ class Turn:
     latency_ms: float | None = None
     ttft_ms: float | None = None
     message_id: int | None = None
-    #: True when a person has the conversation: the customer's message is stored, the bot does not
-    #: answer, and :meth:`stream` yields only :data:`HANDOFF_NOTICE` (stored nowhere).
+    #: True when a person has (or is asked to take) the conversation: the customer's message is stored,
+    #: the bot does not answer, and :meth:`stream` yields only :data:`HANDOFF_NOTICE` (stored nowhere).
     held: bool = False
     #: the conversation's status after this message: ``bot``, ``handoff`` or ``human``.
     status: str = "bot"
     user_message_id: int | None = None
     route: RouteDecision | None = None
     fixed_reply: str | None = None
-    #: version of the LoRA adapter the engine served when the turn started (None: the base model)
+    #: version of the LoRA adapter the engine served the reply with (None: the base model)
     adapter_version: str | None = None
     _assistant: "Assistant | None" = field(default=None, repr=False)
     _ticket: Ticket | None = field(default=None, repr=False)
@@ -152,6 +152,7 @@ class Turn:
         parts: list[str] = []
         try:
             await self._ticket.acquire()
+            self.adapter_version = a.engine.info.adapter_version  # what the engine serves this request with
             t_start = time.perf_counter()
             async with asyncio.timeout(a.settings.request_timeout_s):
                 async for chunk in a.engine.stream(self.prompt.messages, self.params, self.request_id):
@@ -289,13 +290,17 @@ class Assistant:
         if conversation_id is not None:
             conv = await asyncio.to_thread(self.store.get_conversation, conversation_id)
             # a few more rows than the prompt keeps: routing state (clarifications, pending slot)
-            rows = await asyncio.to_thread(self.store.history, conversation_id, max(2 * s.history_turns, 6))
+            clar = self.router.policy.max_clarifications if self.router is not None else 0
+            rows = await asyncio.to_thread(self.store.history, conversation_id,
+                                           max(2 * s.history_turns, 2 * (clar + 1), 6))
             route = await self._route(user_text, rows)
             if conv.status in HUMAN_STATUSES:  # a person has it: store the message, the bot stays silent
                 return await self.held_turn(conversation_id, user_text, channel, status=conv.status, route=route)
             history = [ChatMessage(r.role, r.text) for r in rows[-2 * s.history_turns :]] if s.history_turns else []
         else:
-            route = await self._route(user_text, [])
+            # a client that sends the history itself: the previous decision is its last customer message's
+            earlier = [m.content for m in history or [] if m.role == "user"]
+            route = await self._route(user_text, [], earlier[-1] if earlier else None)
             history = list(history or [])[-2 * s.history_turns :] if s.history_turns else []
         hits: list[Hit] = []
         index_version = None
@@ -309,7 +314,7 @@ class Assistant:
             hits = await asyncio.to_thread(self.retriever.search, query, s.top_k, s.min_score)
             index_version = self.retriever.version
         if route is not None:
-            route = Router.ground(route, hits[0].score if hits else None, s.route_grounded_min_score)
+            route = Router.ground(route, max((h.score for h in hits), default=None), s.route_grounded_min_score)
             self.metrics.intents.labels(route.intent).inc()
             if route.action == "handoff":
                 return await self._handoff_turn(conversation_id, user_text, channel, route)
@@ -353,22 +358,42 @@ class Assistant:
         turn.user_message_id = stored.id if stored is not None else None
         return turn
 
-    async def _route(self, text: str, rows: Sequence[Message]) -> RouteDecision | None:
-        """The router's decision for ``text`` given the conversation's stored ``rows`` (None without a router)."""
+    async def _route(self, text: str, rows: Sequence[Message], previous_text: str | None = None) -> RouteDecision | None:
+        """The router's decision for ``text`` given the conversation's stored ``rows`` (or, for a client
+        that sends its own history, the previous customer message ``previous_text``).
+
+        Returns None without a router, and when routing fails: the error is logged and counted
+        (``chatbot_routing_errors_total``) and the message is answered unrouted, so a broken head
+        never loses a customer's message.
+        """
         if self.router is None:
             return None
+        router = self.router
 
         def run() -> RouteDecision:
-            return self.router.route(text, self.router.previous_from_messages(rows))
+            if previous_text is not None:
+                previous = router.route(previous_text)
+            else:
+                previous = router.previous_from_messages(rows)
+            return router.route(text, previous)
 
-        return await asyncio.to_thread(run)
+        try:
+            return await asyncio.to_thread(run)
+        except Exception:
+            log.exception("routing failed; answering without routing")
+            self.metrics.routing_errors.inc()
+            return None
 
     async def _fixed_turn(self, conversation_id: str | None, user_text: str, channel: str, route: RouteDecision,
-                          reply: str) -> Turn:
-        """Store the customer's message and return a turn that answers with ``reply`` (no generation)."""
+                          reply: str, new: bool | None = None) -> Turn:
+        """Store the customer's message and return a turn that answers with ``reply`` (no generation).
+
+        ``new``: whether the message opens the conversation (default: ``conversation_id is None``).
+        """
+        new = conversation_id is None if new is None else new
         turn = Turn(
             request_id=uuid.uuid4().hex, conversation_id=conversation_id or uuid.uuid4().hex,
-            new_conversation=conversation_id is None, user_text=user_text,
+            new_conversation=new, user_text=user_text,
             prompt=BuiltPrompt(messages=[], hits=[], history_kept=0, prompt_tokens=0),
             params=GenerationParams(max_tokens=1), citations=[], index_version=None, channel=channel,
             route=route, fixed_reply=reply, _assistant=self,
@@ -380,10 +405,15 @@ class Assistant:
 
     async def _handoff_turn(self, conversation_id: str | None, user_text: str, channel: str,
                             route: RouteDecision) -> Turn:
-        """Store the customer's message, queue the conversation for a person (reason ``route.reason``)
-        and return a held turn."""
-        turn = await self._fixed_turn(conversation_id, user_text, channel, route, HANDOFF_NOTICE)
-        await self.request_handoff(turn.conversation_id, route.reason, channel=channel)
+        """Queue the conversation for a person (reason ``route.reason``), then store the customer's
+        message and return a held turn.
+
+        The handoff is written first: when the store is down the turn fails with nothing stored
+        (a retry is safe), instead of keeping the message for later while the request for a person is lost.
+        """
+        h = await self.request_handoff(conversation_id, route.reason, channel=channel, intent=route.intent)
+        turn = await self._fixed_turn(h.conversation_id, user_text, channel, route, HANDOFF_NOTICE, new=False)
+        turn.new_conversation = conversation_id is None
         turn.fixed_reply, turn.held, turn.status = None, True, "handoff"
         return turn
 
@@ -409,7 +439,7 @@ class Assistant:
         )
 
     async def request_handoff(self, conversation_id: str | None, reason: str, queue: str = "default",
-                              channel: str = "web") -> Handoff:
+                              channel: str = "web", intent: str | None = None) -> Handoff:
         """Hand the conversation to people: it joins the staff handoff queue (status ``handoff``) and
         the bot stays silent on it (customer messages are stored, :meth:`start_turn` returns held
         turns) until staff hand it back or close it. Idempotent while a handoff is pending.
@@ -430,7 +460,7 @@ class Assistant:
             NotFoundError: unknown ``conversation_id``.
             StoreError: the handoff could not be stored.
         """
-        h = await asyncio.to_thread(self.log.request_handoff, conversation_id, reason, queue, channel)
+        h = await asyncio.to_thread(self.log.request_handoff, conversation_id, reason, queue, channel, None, intent)
         self.metrics.handoffs.labels(reason).inc()
         log.info("conversation %s handed off (%s)", h.conversation_id, reason)
         return h

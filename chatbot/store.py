@@ -540,7 +540,7 @@ class Store:
     # ------------------------------------------------------------------ handoff
 
     def request_handoff(self, conversation_id: str | None, reason: str, queue: str = "default",
-                        channel: str = "web", customer_ref: str | None = None) -> Handoff:
+                        channel: str = "web", customer_ref: str | None = None, intent: str | None = None) -> Handoff:
         """Move a conversation to the handoff queue (status ``handoff``); idempotent while one is pending.
 
         Args:
@@ -548,6 +548,7 @@ class Store:
                 for a person before writing anything).
             reason: why (``customer_request``, ``human_request``, ``handoff_intent``, ...).
             queue: the staff queue.
+            intent: the routed intent to show in the queue (default: the last routed customer message's).
 
         Returns:
             The open (or already pending) handoff.
@@ -572,10 +573,10 @@ class Store:
                                                    Handoff.status.in_(["open", "assigned"]))).first()
             if pending is not None:
                 return pending
-            intent = s.exec(select(Message.intent).where(Message.conversation_id == conv.id, Message.role == "user",
+            routed = intent or s.exec(select(Message.intent).where(Message.conversation_id == conv.id, Message.role == "user",
                                                          Message.intent.is_not(None))
                             .order_by(Message.id.desc()).limit(1)).first()
-            h = Handoff(conversation_id=conv.id, reason=reason, queue=queue, intent=intent)
+            h = Handoff(conversation_id=conv.id, reason=reason, queue=queue, intent=routed)
             conv.status, conv.updated_at, conv.ended_at = "handoff", _now(), None
             s.add(conv)
             s.add(h)

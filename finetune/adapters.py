@@ -715,8 +715,8 @@ def _size_mb(paths) -> float:
 def export_int8(ref: str | Path, out: str | Path, settings, measure: int = 0) -> dict:
     """Merge the adapter and write a dynamic-int8 checkpoint for CPU serving; optionally measure it.
 
-    The folder holds ``config.json``, the tokenizer, ``model_int8.pt`` (the quantized state
-    dict) and ``int8.json``; load it with :func:`load_int8`.
+    The folder holds ``config.json``, the tokenizer, ``model_int8.safetensors`` (int8 weights with
+    their scales, :func:`int8_state`) and ``int8.json``; load it with :func:`load_int8`.
 
     Args:
         ref: adapter name, folder or version.
@@ -745,7 +745,7 @@ def export_int8(ref: str | Path, out: str | Path, settings, measure: int = 0) ->
 
     save_file(int8_state(q), str(out / INT8_WEIGHTS), metadata={"format": "int8-dynamic"})
     report = {"adapter": rec.version, "base_model": rec.base_id, "base_sha256": rec.base_sha256,
-              "method": "torch.ao dynamic int8 (nn.Linear weights int8, activations per batch)",
+              "method": "torch.ao dynamic int8 (nn.Linear weights int8 per output channel, activations per batch)",
               "size_mb": _size_mb([out / INT8_WEIGHTS])}
     if measure > 0:
         report["comparison"] = _compare_int8(rec, settings, merged_state, out, measure)

@@ -47,6 +47,8 @@ def _leave_cores_to_the_engine() -> None:
     """On CPU, run this (front-end) process's own torch work (query embedding, routing heads) on one
     thread: the engine core's OpenMP threads are bound to every core, and a second multi-threaded
     torch pool in this process preempts them, which stalls each batched step at its barrier."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        return  # the engine core runs in this process: it needs the threads
     try:
         from vllm.platforms import current_platform
 

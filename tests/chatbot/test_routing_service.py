@@ -190,3 +190,90 @@ def test_shipped_heads_route_through_the_api(tmp_path):
         off = chat("Write me a poem about the sea")
         assert (off["route"]["intent"], off["route"]["action"]) == ("out_of_scope", "clarify")
         assert off["choices"][0]["message"]["content"] == a.router.policy.clarify_message
+
+
+def test_carried_over_slots_do_not_redact_the_next_message(tmp_path):
+    """A filled ask_slot carries the first message's slots; their offsets must not cut into the second."""
+    from finetune.heads import Slot
+
+    class NameAndNumberHead(SlotHead):
+        labels = ("O", "B-order_id", "I-order_id", "B-person_name", "I-person_name")
+
+        def predict(self, texts):
+            out = super().predict(texts)
+            for t, slots in zip(texts, out):
+                i = t.find("John Smith")
+                if i >= 0:
+                    slots.append(Slot("person_name", "John Smith", i, i + 10, 0.99))
+            return out
+
+    table = dict(TABLE, **{"Hi, this is John Smith. Where is my parcel?": ("track_order", 0.97),
+                           "My order number is 12345678, thanks": ("track_order", 0.9)})
+    a, _ = routed_assistant(tmp_path)
+    a.router = Router(RoutingPolicy.from_file(ROUTING_POLICY), TableHead(table), NameAndNumberHead())
+
+    async def run():
+        t1 = await a.respond(None, "Hi, this is John Smith. Where is my parcel?")
+        return t1, await a.respond(t1.conversation_id, "My order number is 12345678, thanks")
+
+    t1, t2 = asyncio.run(run())
+    assert (t1.route.action, t2.route.reason) == ("ask_slot", "slot_filled")
+    assert {s.type for s in t2.route.slots} == {"person_name", "order_id"}
+    users = [m for m in a.store.messages(t1.conversation_id) if m.role == "user"]
+    assert users[0].text == "Hi, this is [NAME]. Where is my parcel?"
+    assert users[1].text == "My order number is 12345678, thanks"  # untouched by the carried name's offsets
+
+
+def test_a_failing_router_answers_unrouted_and_counts_it(tmp_path):
+    class BrokenHead(TableHead):
+        def predict(self, texts, threshold=None):
+            raise RuntimeError("head exploded")
+
+    a, engine = routed_assistant(tmp_path)
+    a.router = Router(RoutingPolicy.from_file(ROUTING_POLICY), BrokenHead({}), SlotHead())
+    t = asyncio.run(a.respond(None, "Where is my parcel?"))
+    assert t.route is None and t.text == "Here is what I found [1]." and len(engine.prompts) == 1
+    assert [m.role for m in a.store.messages(t.conversation_id)] == ["user", "assistant"]
+    body, _ = a.metrics.render()
+    assert b"chatbot_routing_errors_total 1.0" in body
+
+
+def test_grounding_never_overrides_a_configured_handoff():
+    from chatbot.router import RouteDecision
+
+    configured = RouteDecision("out_of_scope", 0.9, [], "handoff", "out_of_scope")
+    assert Router.ground(configured, 0.9, 0.4) is configured
+    exhausted = RouteDecision("out_of_scope", 0.9, [], "handoff", "clarifications_exhausted:out_of_scope")
+    assert (Router.ground(exhausted, 0.9, 0.4).action, Router.ground(exhausted, 0.3, 0.4).action) == (
+        "answer", "handoff")
+
+
+def test_client_sent_history_completes_a_pending_slot(tmp_path):
+    from chatbot.engines.base import ChatMessage
+
+    a, engine = routed_assistant(tmp_path)
+    history = [ChatMessage("user", "Where is my parcel?"),
+               ChatMessage("assistant", "Could you give me your order number, please?")]
+    t = asyncio.run(a.respond(None, "It is 12345678", history=history))
+    assert (t.route.action, t.route.reason, t.route.intent) == ("answer", "slot_filled", "track_order")
+    assert len(engine.prompts) == 1
+
+
+def test_models_lists_the_base_model_and_registered_adapters(tmp_path):
+    import json
+
+    from chatbot.api import create_app
+
+    a = make_assistant(tmp_path)
+    d = a.settings.resolved_adapters_dir / "a1"
+    d.mkdir(parents=True)
+    (d / "adapter.json").write_text(json.dumps({
+        "name": "a1", "version": "a1-20260101-abcd", "kind": "peft-lora", "created_at": "2026-01-01T00:00:00Z",
+        "base_model": {"id": "scripted-model", "sha256": "x"}, "metrics": {}}))
+    with TestClient(create_app(a.settings, assistant=a, mount_ui=False)) as client:
+        data = client.get("/v1/models").json()["data"]
+        before = client.get("/metrics").text
+    assert [(m["id"], m.get("parent"), m["served"]) for m in data] == [
+        ("scripted-model", None, True), ("a1-20260101-abcd", "scripted-model", False)]
+    assert data[1]["live"] is False
+    assert 'chatbot_requests_total{endpoint="/v1/models",status="200"} 1.0' in before
