@@ -77,6 +77,10 @@ class _RequestCounter:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception:
+            if not status:  # unhandled: the server error middleware outside answers 500
+                status.append(500)
+            raise
         finally:
             a = self.assistant()
             if a is not None and status:

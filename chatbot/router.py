@@ -12,9 +12,9 @@ a :class:`RoutingPolicy` (YAML, ``settings.routing_policy``) and returns a
   out-of-scope / low-confidence message after ``max_clarifications`` clarifications;
 * ``clarify``: ask the customer to rephrase (out-of-scope or low confidence).
 
-Order of the rules (first match wins): human request -> slot filled for a pending
-``ask_slot`` -> out-of-scope / low confidence -> handoff intent -> missing required
-slot -> the intent's action.
+Order of the rules (first match wins): human request -> small talk (greeting, thanks:
+``answer``, not counted as a clarification) -> slot filled for a pending ``ask_slot`` ->
+out-of-scope / low confidence -> handoff intent -> missing required slot -> the intent's action.
 
 The decision logic (:meth:`Router.decide`) is pure; the heads load lazily on first use.
 """
@@ -44,6 +44,16 @@ DEFAULT_HUMAN_PATTERNS = (
     r"^\W*(human|agent|representative|operator|real person)\W*$",
 )
 
+#: Whole-message greetings, thanks and goodbyes (case-insensitive): answered by the model, never
+#: counted as a clarification (so "Hi" then "thanks!" does not reach the staff queue).
+DEFAULT_SMALLTALK_PATTERNS = (
+    r"^\W*((hi|hello|hey|hiya|howdy|greetings|good\s+(morning|afternoon|evening|day))(\s+(there|all|team|guys))?)"
+    r"\W*$",
+    r"^\W*((many\s+)?thanks?(\s+(you|a\s+lot|so\s+much|very\s+much))*|thank\s+you(\s+(so|very)\s+much)?|ty|thx|"
+    r"cheers|ok(ay)?|great|perfect|cool|got\s+it)\W*$",
+    r"^\W*(bye|goodbye|good\s*bye|see\s+you|have\s+a\s+(nice|good)\s+day)\W*$",
+)
+
 
 @dataclass
 class RoutingPolicy:
@@ -56,6 +66,8 @@ class RoutingPolicy:
         handoff_intents: intents always handed to a human (e.g. ``complaint``).
         human_intents: intents that mean "let me talk to a person" (e.g. ``contact_human_agent``).
         human_patterns: regular expressions that mean the same (fallback beside the head).
+        smalltalk_patterns: regular expressions for greetings / thanks / goodbyes: ``answer``
+            (reason ``smalltalk``), never a clarification.
         out_of_scope_label: the intent head's out-of-scope label.
         on_out_of_scope, on_low_confidence: ``clarify`` or ``handoff``.
         max_clarifications: clarify this many times in a row, then hand off (>= 0).
@@ -70,6 +82,7 @@ class RoutingPolicy:
     handoff_intents: tuple[str, ...] = ("contact_human_agent", "complaint")
     human_intents: tuple[str, ...] = ("contact_human_agent",)
     human_patterns: tuple[str, ...] = DEFAULT_HUMAN_PATTERNS
+    smalltalk_patterns: tuple[str, ...] = DEFAULT_SMALLTALK_PATTERNS
     out_of_scope_label: str = "out_of_scope"
     on_out_of_scope: Action = "clarify"
     on_low_confidence: Action = "clarify"
@@ -112,22 +125,27 @@ class RoutingPolicy:
         self.handoff_intents = tuple(self.handoff_intents or ())
         self.human_intents = tuple(self.human_intents or ())
         self.human_patterns = tuple(self.human_patterns or ())
+        self.smalltalk_patterns = tuple(self.smalltalk_patterns or ())
         try:
             self._compiled = [re.compile(p, re.IGNORECASE) for p in self.human_patterns]
         except re.error as exc:
             raise ConfigError(f"routing policy human_patterns has a bad regular expression: {exc}") from exc
+        try:
+            self._smalltalk = [re.compile(p, re.IGNORECASE) for p in self.smalltalk_patterns]
+        except re.error as exc:
+            raise ConfigError(f"routing policy smalltalk_patterns has a bad regular expression: {exc}") from exc
 
     @classmethod
     def from_dict(cls, d: dict) -> RoutingPolicy:
         """Build from a dict (YAML content); unknown keys raise ConfigError naming them."""
-        known = {"intents", "default_action", "handoff_intents", "human_intents", "human_patterns",
+        known = {"intents", "default_action", "handoff_intents", "human_intents", "human_patterns", "smalltalk_patterns",
                  "out_of_scope_label", "on_out_of_scope", "on_low_confidence", "max_clarifications", "version",
                  "clarify_message", "slot_questions", "default_slot_question"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"routing policy has unknown keys {unknown}")
         d = {k: v for k, v in d.items() if k != "version"}
-        for k in ("handoff_intents", "human_intents", "human_patterns"):
+        for k in ("handoff_intents", "human_intents", "human_patterns", "smalltalk_patterns"):
             if k in d:
                 d[k] = tuple(d[k] or ())
         return cls(**d)
@@ -173,6 +191,10 @@ class RoutingPolicy:
         """True when a fallback pattern matches ``text``."""
         return any(p.search(text or "") for p in self._compiled)
 
+    def is_smalltalk(self, text: str) -> bool:
+        """True when ``text`` is only a greeting, thanks or goodbye (``smalltalk_patterns``)."""
+        return any(p.search(text or "") for p in self._smalltalk)
+
 
 @dataclass
 class RouteDecision:
@@ -186,7 +208,7 @@ class RouteDecision:
             value, start, end, score), plus slots carried over from a pending ``ask_slot``.
         action: ``answer`` | ``ask_slot`` | ``handoff`` | ``clarify``.
         reason: why: ``human_request``, ``handoff_intent``, ``out_of_scope``,
-            ``low_confidence``, ``missing_slot``, ``slot_filled``, ``clarifications_exhausted``
+            ``low_confidence``, ``missing_slot``, ``slot_filled``, ``smalltalk``, ``clarifications_exhausted``
             (with ``:out_of_scope`` / ``:low_confidence``), ``grounded:<kind>`` (:meth:`Router.ground`),
             ``stored`` (rebuilt from the store) or ``policy``.
         missing_slot: the slot type to ask for (``ask_slot`` only).
@@ -422,6 +444,12 @@ class Router:
         )
         if wants_human:
             return make("handoff", "human_request", top if top in pol.human_intents else intent)
+        # 1b. greetings, thanks, goodbyes: answered, not clarified (a pending ask_slot stays pending)
+        if pol.is_smalltalk(text) and not slots:
+            if previous is not None and previous.action == "ask_slot":
+                return RouteDecision(previous.intent, conf, previous.slots, "ask_slot", "missing_slot",
+                                     previous.missing_slot, top, 0)
+            return RouteDecision(intent, conf, slots, "answer", "smalltalk", None, top, 0)
         # 2. the answer to a pending ask_slot
         if previous is not None and previous.action == "ask_slot" and previous.missing_slot:
             got = [s for s in slots if getattr(s, "type", None) == previous.missing_slot]

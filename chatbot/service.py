@@ -28,6 +28,7 @@ from retrieval.retriever import Retriever
 log = logging.getLogger(__name__)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 #: What a held turn (a person has the conversation) shows the customer instead of a bot reply.
 HANDOFF_NOTICE = "Your message has been passed to our support team. A person will reply here shortly."
@@ -36,7 +37,8 @@ HANDOFF_NOTICE = "Your message has been passed to our support team. A person wil
 def clean_message(text: object, max_chars: int) -> str:
     """Validate and normalise a customer message.
 
-    Control characters (other than newline and tab) are removed, the text is
+    Control characters (other than newline and tab) and unpaired UTF-16 surrogates (which
+    no UTF-8 text can hold; JSON lets a client send ``"\udfff"``) are removed, the text is
     NFC-normalised and stripped; a message with no visible character is empty.
 
     Raises:
@@ -46,7 +48,7 @@ def clean_message(text: object, max_chars: int) -> str:
         raise InvalidInputError(f"message must be a string, got {type(text).__name__}")
     if len(text) > max_chars:
         raise InvalidInputError(f"message must be at most {max_chars} characters, got {len(text)}")
-    cleaned = unicodedata.normalize("NFC", _CONTROL.sub("", text)).strip()
+    cleaned = unicodedata.normalize("NFC", _SURROGATES.sub("", _CONTROL.sub("", text))).strip()
     # Only whitespace and invisible format characters (e.g. U+200B) counts as empty.
     if not any(unicodedata.category(ch)[0] in "LNPS" for ch in cleaned):
         raise InvalidInputError("message must not be empty")

@@ -147,3 +147,16 @@ def test_shipped_routes_slots_off_topic_and_policy(shipped_router):
     assert empty.action in ("clarify", "answer") and emoji.action in ("clarify", "answer")
     again = shipped_router.route("what's the weather like in paris tomorrow", previous=off)
     assert again.action == "handoff"
+
+
+def test_greetings_and_thanks_are_answered_and_never_escalate(policy):
+    r = router(policy, {})  # every message is out of scope for the stand-in head
+    for text in ("Hi", "hello there!", "Good morning", "thanks!", "Thank you so much", "ok", "bye"):
+        d = r.route(text)
+        assert (d.action, d.reason, d.clarifications) == ("answer", "smalltalk", 0), text
+    off = r.route("blorp")
+    assert r.route("thanks!", previous=off).action == "answer"  # not clarifications_exhausted
+    assert r.route("hi, can you tell me a joke", previous=off).action == "handoff"  # not only small talk
+    ask = RouteDecision("track_order", 0.9, [], "ask_slot", "missing_slot", "order_id", "track_order")
+    again = r.route("thanks", previous=ask)
+    assert (again.action, again.missing_slot) == ("ask_slot", "order_id")

@@ -277,3 +277,27 @@ def test_models_lists_the_base_model_and_registered_adapters(tmp_path):
         ("scripted-model", None, True), ("a1-20260101-abcd", "scripted-model", False)]
     assert data[1]["live"] is False
     assert 'chatbot_requests_total{endpoint="/v1/models",status="200"} 1.0' in before
+
+
+def test_unpaired_surrogates_are_dropped_and_an_unhandled_error_is_counted_as_500(tmp_path):
+    from chatbot.api import create_app
+    from chatbot.service import clean_message
+
+    assert clean_message("refund \udfff please", 100) == "refund  please"
+    a, engine = routed_assistant(tmp_path)
+    with TestClient(create_app(a.settings, assistant=a, mount_ui=False), raise_server_exceptions=False) as client:
+        ok = client.post("/v1/chat/completions", content='{"messages":[{"role":"user","content":"Where is order 87654321 \\udfff?"}]}',
+                         headers={"content-type": "application/json"})
+        assert ok.status_code == 200, ok.text
+        stored = a.store.messages(ok.json()["conversation_id"])[0].text
+        assert stored == "Where is order 87654321 ?"
+
+        async def broken(*args, **kwargs):
+            raise RuntimeError("bug")
+
+        a.start_turn = broken
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 500
+        body = client.get("/metrics").text
+    assert 'chatbot_requests_total{endpoint="/v1/chat/completions",status="500"} 1.0' in body
+    assert 'chatbot_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in body
