@@ -306,9 +306,12 @@ class Assistant:
             history = list(history or [])[-2 * s.history_turns :] if s.history_turns else []
         hits: list[Hit] = []
         index_version = None
-        skip_search = route is not None and route.action == "handoff" and route.reason in (
-            "human_request", "handoff_intent")
-        if self.retriever is not None and not skip_search:
+        # the passages serve an answer, or the grounding check of an out-of-scope / low-confidence
+        # decision (Router.ground); a person request, a complaint or a slot question needs none
+        needs_search = route is None or route.action == "answer" or (
+            s.route_grounded_min_score is not None
+            and route.reason.removeprefix("clarifications_exhausted:") in ("out_of_scope", "low_confidence"))
+        if self.retriever is not None and needs_search:
             query = user_text
             if route is not None and route.reason == "slot_filled":  # the question was in the earlier message
                 earlier = [r.text for r in rows if r.role == "user"]
@@ -324,7 +327,7 @@ class Assistant:
             if fixed is not None:
                 return await self._fixed_turn(conversation_id, user_text, channel, route, fixed)
         await self.engine.start()
-        adapter_version = await self.adapters.sync(self.engine)  # a promoted adapter goes live here
+        await self.adapters.sync(self.engine)  # a promoted adapter goes live here
         prompt = build_prompt(
             s.system_prompt,
             user_text,
@@ -346,7 +349,6 @@ class Assistant:
             index_version=index_version,
             channel=channel,
             route=route,
-            adapter_version=adapter_version,
             _assistant=self,
         )
         try:  # the customer's message is stored now, before any reply exists (never lost)

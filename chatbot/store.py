@@ -62,6 +62,18 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
+def _conversation(s: Session, conversation_id: str) -> Conversation:
+    """The conversation row in session ``s``.
+
+    Raises:
+        NotFoundError: unknown ``conversation_id``.
+    """
+    conv = s.get(Conversation, conversation_id)
+    if conv is None:
+        raise NotFoundError(f"conversation_id {conversation_id!r} does not exist")
+    return conv
+
+
 def as_utc(value: _dt.datetime | None) -> _dt.datetime | None:
     """A stored time as an aware UTC datetime (SQLite returns naive UTC, PostgreSQL aware)."""
     if value is None:
@@ -439,9 +451,7 @@ class Store:
             if new:
                 conv = Conversation(id=conversation_id, channel=channel)
             else:
-                conv = s.get(Conversation, conversation_id)
-                if conv is None:
-                    raise NotFoundError(f"conversation_id {conversation_id!r} does not exist")
+                conv = _conversation(s, conversation_id)
                 conv.updated_at = _now()
             s.add(conv)
             s.flush()
@@ -566,9 +576,7 @@ class Store:
                 s.add(conv)
                 s.flush()
             else:
-                conv = s.get(Conversation, conversation_id)
-                if conv is None:
-                    raise NotFoundError(f"conversation_id {conversation_id!r} does not exist")
+                conv = _conversation(s, conversation_id)
             pending = s.exec(select(Handoff).where(Handoff.conversation_id == conv.id,
                                                    Handoff.status.in_(["open", "assigned"]))).first()
             if pending is not None:
@@ -619,9 +627,7 @@ class Store:
         """
 
         def fn(s: Session) -> Handoff:
-            conv = s.get(Conversation, conversation_id)
-            if conv is None:
-                raise NotFoundError(f"conversation_id {conversation_id!r} does not exist")
+            conv = _conversation(s, conversation_id)
             if s.get(User, user_id) is None:
                 raise NotFoundError(f"user id {user_id!r} does not exist")
             h = self._pending_handoff(s, conversation_id)
@@ -651,9 +657,7 @@ class Store:
             raise InvalidInputError("staff reply text must not be empty")
 
         def fn(s: Session) -> Message:
-            conv = s.get(Conversation, conversation_id)
-            if conv is None:
-                raise NotFoundError(f"conversation_id {conversation_id!r} does not exist")
+            conv = _conversation(s, conversation_id)
             if conv.status != "human":
                 h = self._pending_handoff(s, conversation_id) or Handoff(conversation_id=conversation_id,
                                                                          reason="staff_takeover")
@@ -679,9 +683,7 @@ class Store:
         """
 
         def fn(s: Session) -> Conversation:
-            conv = s.get(Conversation, conversation_id)
-            if conv is None:
-                raise NotFoundError(f"conversation_id {conversation_id!r} does not exist")
+            conv = _conversation(s, conversation_id)
             for h in s.exec(select(Handoff).where(Handoff.conversation_id == conversation_id,
                                                   Handoff.status.in_(["open", "assigned"]))).all():
                 h.status, h.closed_at = ("closed" if close else "returned"), _now()
@@ -787,9 +789,7 @@ class Store:
         """
 
         def fn(s: Session) -> dict:
-            conv = s.get(Conversation, conversation_id)
-            if conv is None:
-                raise NotFoundError(f"conversation_id {conversation_id!r} does not exist")
+            conv = _conversation(s, conversation_id)
             msgs = s.exec(select(Message).where(Message.conversation_id == conversation_id)
                           .order_by(Message.id)).all()
             fbs = {f.message_id: f for f in s.exec(select(Feedback).where(

@@ -384,6 +384,39 @@ def _copy_adapter(src: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
 
 
+def _save_head(head, out_dir: str | Path, kind: str, fields: dict) -> Path:
+    """Write an intent or entity ``head`` folder atomically: weights (LoRA adapter or full),
+    ``head.json`` (``head.meta`` plus ``kind``, format version and ``fields``), ``training.json``
+    and ``metrics.json``; returns the folder."""
+    meta = dict(head.meta) | {"kind": kind, "format_version": FORMAT_VERSION, **fields}
+    meta.setdefault("method", "full")
+    meta.setdefault("base_model", None)
+    dtype = head.training.get("config", {}).get("save_dtype", "float32")
+
+    def write(tmp: Path) -> None:
+        _save_weights(head.model, tmp, meta["method"], dtype, head.tokenizer, head._adapter_src,
+                      meta.get("base_model"))
+        (tmp / "head.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "training.json").write_text(json.dumps(head.training, indent=2, default=str))
+        (tmp / "metrics.json").write_text(json.dumps(head.metrics, indent=2))
+
+    path = _write_head_folder(Path(out_dir), write)
+    log.info("%s head saved to %s", kind, path)
+    return path
+
+
+def _restore_saved_state(head, folder: Path, meta: dict):
+    """Give a loaded ``head`` its ``training.json`` / ``metrics.json`` and, for a LoRA head, the adapter
+    files (so :func:`_save_head` can write it again); returns ``head``."""
+    for name in ("training", "metrics"):
+        p = folder / f"{name}.json"
+        if p.is_file():
+            setattr(head, name, json.loads(p.read_text()))
+    if meta.get("method") == "lora":
+        head._adapter_src = _copy_adapter(folder / "adapter")
+    return head
+
+
 def _read_head_json(folder: Path, kind: str) -> dict:
     folder = Path(folder)
     path = folder / "head.json"
@@ -714,24 +747,10 @@ class IntentHead:
         Returns:
             ``out_dir``.
         """
-        meta = dict(self.meta) | {
-            "kind": "intent", "format_version": FORMAT_VERSION, "labels": self.labels, "oos_label": self.oos_label,
-            "temperature": self.temperature, "threshold": self.threshold, "max_length": self.max_length,
-        }
-        meta.setdefault("method", "full")
-        meta.setdefault("base_model", None)
-        dtype = self.training.get("config", {}).get("save_dtype", "float32")
-
-        def write(tmp: Path) -> None:
-            _save_weights(self.model, tmp, meta["method"], dtype, self.tokenizer, self._adapter_src,
-                          meta.get("base_model"))
-            (tmp / "head.json").write_text(json.dumps(meta, indent=2))
-            (tmp / "training.json").write_text(json.dumps(self.training, indent=2, default=str))
-            (tmp / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
-
-        path = _write_head_folder(Path(out_dir), write)
-        log.info("intent head saved to %s", path)
-        return path
+        return _save_head(self, out_dir, "intent", {
+            "labels": self.labels, "oos_label": self.oos_label, "temperature": self.temperature,
+            "threshold": self.threshold, "max_length": self.max_length,
+        })
 
     @classmethod
     def load(cls, folder: str | Path, device: str | None = None) -> IntentHead:
@@ -751,13 +770,7 @@ class IntentHead:
             model.to(device)
         head = cls(model, tok, meta["labels"], meta["temperature"], meta["threshold"], meta.get("oos_label"),
                    meta.get("max_length", 64), meta)
-        for name in ("training", "metrics"):
-            p = folder / f"{name}.json"
-            if p.is_file():
-                setattr(head, name, json.loads(p.read_text()))
-        if meta.get("method") == "lora":
-            head._adapter_src = _copy_adapter(folder / "adapter")
-        return head
+        return _restore_saved_state(head, folder, meta)
 
 
 # ---------------------------------------------------------------------------- entity head
@@ -1035,24 +1048,9 @@ class EntityHead:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the head folder atomically; returns ``out_dir``."""
-        meta = dict(self.meta) | {
-            "kind": "entity", "format_version": FORMAT_VERSION, "labels": self.labels,
-            "threshold": self.threshold, "max_length": self.max_length,
-        }
-        meta.setdefault("method", "full")
-        meta.setdefault("base_model", None)
-        dtype = self.training.get("config", {}).get("save_dtype", "float32")
-
-        def write(tmp: Path) -> None:
-            _save_weights(self.model, tmp, meta["method"], dtype, self.tokenizer, self._adapter_src,
-                          meta.get("base_model"))
-            (tmp / "head.json").write_text(json.dumps(meta, indent=2))
-            (tmp / "training.json").write_text(json.dumps(self.training, indent=2, default=str))
-            (tmp / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
-
-        path = _write_head_folder(Path(out_dir), write)
-        log.info("entity head saved to %s", path)
-        return path
+        return _save_head(self, out_dir, "entity", {
+            "labels": self.labels, "threshold": self.threshold, "max_length": self.max_length,
+        })
 
     @classmethod
     def load(cls, folder: str | Path, device: str | None = None) -> EntityHead:
@@ -1070,13 +1068,7 @@ class EntityHead:
         if device:
             model.to(device)
         head = cls(model, tok, meta["labels"], meta.get("threshold", 0.0), meta.get("max_length", 128), meta)
-        for name in ("training", "metrics"):
-            p = folder / f"{name}.json"
-            if p.is_file():
-                setattr(head, name, json.loads(p.read_text()))
-        if meta.get("method") == "lora":
-            head._adapter_src = _copy_adapter(folder / "adapter")
-        return head
+        return _restore_saved_state(head, folder, meta)
 
 
 def load_head(folder: str | Path) -> Any:

@@ -74,7 +74,7 @@ def test_signoff_adapter_changes_the_transformers_reply_without_restart(signoff_
     from chatbot.service import Assistant
     from chatbot.store import Store
 
-    settings = Settings(model=signoff_adapter["base"], data_dir=tmp_path, max_new_tokens=20, routing=False)
+    settings = Settings(model=signoff_adapter["base"], data_dir=tmp_path, max_new_tokens=20)
     a = Assistant(settings, engine, None, Store(settings.resolved_database_url))
     reg = settings.resolved_adapters_dir / "signoff"
     shutil.copytree(signoff_adapter["path"], reg)
