@@ -71,10 +71,6 @@ class Redaction:
     text: str
     counts: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def changed(self) -> bool:
-        return bool(self.counts)
-
 
 class Redactor:
     """Finds and replaces PII in text.

@@ -40,7 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -1069,22 +1069,3 @@ class EntityHead:
             model.to(device)
         head = cls(model, tok, meta["labels"], meta.get("threshold", 0.0), meta.get("max_length", 128), meta)
         return _restore_saved_state(head, folder, meta)
-
-
-def load_head(folder: str | Path) -> Any:
-    """Load an intent or entity head folder by the ``kind`` in its ``head.json``.
-
-    Raises:
-        NotFoundError: no ``head.json``.
-        ModelAssetError: unknown kind.
-    """
-    path = Path(folder) / "head.json"
-    if not path.is_file():
-        raise NotFoundError(f"no head at {folder} (missing head.json)")
-    kind = json.loads(path.read_text()).get("kind")
-    if kind == "intent":
-        return IntentHead.load(folder)
-    if kind == "entity":
-        return EntityHead.load(folder)
-    raise ModelAssetError(f"{path}: unknown kind {kind!r}")
-
