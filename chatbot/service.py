@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from chatbot.admission import Admission, Ticket
+from chatbot.company import PlaceholderStream
 from chatbot.config import Settings
 from chatbot.engines.base import ChatMessage, Engine, GenerationParams
 from chatbot.errors import InvalidInputError, RequestTimeoutError
@@ -152,21 +153,31 @@ class Turn:
         m = a.metrics
         t0 = time.perf_counter()
         parts: list[str] = []
+        # a fine-tuned reply writes company details as [[field]] markers (chatbot.company): filled here,
+        # across delta boundaries, before the customer sees or the log stores them
+        fill = PlaceholderStream(a.settings.company_fields)
         try:
             await self._ticket.acquire()
             self.adapter_version = a.engine.info.adapter_version  # what the engine serves this request with
             t_start = time.perf_counter()
             async with asyncio.timeout(a.settings.request_timeout_s):
                 async for chunk in a.engine.stream(self.prompt.messages, self.params, self.request_id):
-                    if chunk.text:
+                    out = fill.push(chunk.text) if chunk.text else ""
+                    if out:
                         if self.ttft_ms is None:
                             self.ttft_ms = (time.perf_counter() - t0) * 1000
-                        parts.append(chunk.text)
-                        yield chunk.text
+                        parts.append(out)
+                        yield out
                     self.prompt_tokens = chunk.prompt_tokens
                     self.completion_tokens = chunk.completion_tokens
                     if chunk.finish_reason:
                         self.finish_reason = chunk.finish_reason
+                tail = fill.flush()
+                if tail:
+                    if self.ttft_ms is None:
+                        self.ttft_ms = (time.perf_counter() - t0) * 1000
+                    parts.append(tail)
+                    yield tail
         except TimeoutError as exc:
             m.rejected.labels("timeout").inc()
             raise RequestTimeoutError(

@@ -35,3 +35,22 @@ def test_citations_one_per_document_in_passage_order():
             Hit(3, "a.md", "A", "sa", "t", 0.7, 3)]
     cites = citations_from_hits(hits)
     assert [(c.number, c.doc_id) for c in cites] == [(1, "a.md"), (2, "b.md")]
+
+
+def test_company_field_markers_are_filled_in_the_stream_and_the_log(tmp_path):
+    """A fine-tuned reply says [[phone]]; the customer and the log get the configured number."""
+    import asyncio
+
+    from tests.chatbot.fakes import ScriptedEngine, make_assistant
+
+    a = make_assistant(tmp_path, ScriptedEngine("Call us on [[phone]] or visit [[website_url]] [1]."),
+                       company_fields={"phone": "555-0100", "website_url": "shop.example"})
+
+    async def run():
+        turn = await a.start_turn(None, "How do I reach you?")
+        return turn, [d async for d in turn.stream()]
+
+    turn, deltas = asyncio.run(run())
+    assert "".join(deltas) == turn.text == "Call us on 555-0100 or visit shop.example [1]."
+    assert not any("[[" in d for d in deltas)
+    assert a.store.messages(turn.conversation_id)[-1].text == turn.text
