@@ -367,6 +367,14 @@ class Router:
                              "stored", missing, last.intent, clar)
 
     @staticmethod
+    def groundable(decision: RouteDecision) -> bool:
+        """True when :meth:`ground` may turn ``decision`` into ``answer``: a ``clarify`` for an
+        out-of-scope / low-confidence message, or the handoff after too many such clarifications."""
+        exhausted = decision.reason.startswith("clarifications_exhausted:")
+        kind = decision.reason.removeprefix("clarifications_exhausted:")
+        return kind in ("out_of_scope", "low_confidence") and (decision.action == "clarify" or exhausted)
+
+    @staticmethod
     def ground(decision: RouteDecision, top_score: float | None, min_score: float | None) -> RouteDecision:
         """Answer an out-of-scope / low-confidence message anyway when retrieval found a close passage.
 
@@ -376,12 +384,9 @@ class Router:
         passage's cosine similarity is at least ``min_score``. Other decisions, and every decision when ``min_score`` is None, are
         returned unchanged.
         """
-        exhausted = decision.reason.startswith("clarifications_exhausted:")
+        if min_score is None or top_score is None or top_score < min_score or not Router.groundable(decision):
+            return decision  # (a handoff the policy asks for stays a handoff)
         kind = decision.reason.removeprefix("clarifications_exhausted:")
-        if (min_score is None or top_score is None or top_score < min_score
-                or kind not in ("out_of_scope", "low_confidence")
-                or not (decision.action == "clarify" or exhausted)):  # a configured handoff stays a handoff
-            return decision
         return RouteDecision(decision.intent, decision.confidence, decision.slots, "answer",
                              f"grounded:{kind}", None, decision.top_intent, 0)
 

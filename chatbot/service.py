@@ -320,8 +320,7 @@ class Assistant:
         # the passages serve an answer, or the grounding check of an out-of-scope / low-confidence
         # decision (Router.ground); a person request, a complaint or a slot question needs none
         needs_search = route is None or route.action == "answer" or (
-            s.route_grounded_min_score is not None
-            and route.reason.removeprefix("clarifications_exhausted:") in ("out_of_scope", "low_confidence"))
+            s.route_grounded_min_score is not None and Router.groundable(route))
         if self.retriever is not None and needs_search:
             query = user_text
             if route is not None and route.reason == "slot_filled":  # the question was in the earlier message
