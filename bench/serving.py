@@ -9,12 +9,20 @@ For each concurrency N (default 1 4 16 64) every customer arrives ``--stagger``
 seconds after the previous one and asks ``--turns`` questions taken from the
 Bitext customer-support set (streamed; TTFT is the first content chunk).
 
+Answer modes (``--answer-modes``): each server system runs once per mode, named ``<system>/<mode>``:
+``generate`` (the engine's raw reply), ``verified`` (each sentence checked against the passages,
+the served default) and ``verified-focused`` (verified, with only the ``--focus-units`` passage
+sentences closest to the question in the prompt: shorter prefill). The latency ratios of each
+mode to ``generate`` are printed per N (issue #11's target: verified within 1.15x at N=16).
+
 Printed: tokens/s, requests/s, TTFT p50/p95, latency p50/p95, failures, the CPU seconds
 of this process during the run (servers: the HTTP client, on the same cores as the server;
 raw-vllm: vLLM's front end, in this process), and the ratios a/b and a/c. Each system gets
 one unmeasured warm-up request first. JSON results go to ``--json``.
 
     python bench/serving.py --concurrency 1 4 16 64 --max-tokens 64 --json bench/serving.json
+    python bench/serving.py --systems server-vllm --answer-modes generate verified verified-focused \
+        --concurrency 1 16 64 --json bench/serving-verified.json
 
 Engine settings for a tuning run apply to every system: ``--set ENABLE_LORA=false --set DTYPE=float32``
 (``CHATBOT_<NAME>`` for the servers, the same Settings field for the raw engine).
@@ -196,6 +204,11 @@ def main() -> int:
                     help="skip server-hf above this N (it serves one reply at a time)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a chatbot setting for every system, e.g. MAX_NUM_SEQS=64 (repeatable)")
+    ap.add_argument("--answer-modes", nargs="+", default=["generate"],
+                    choices=["generate", "verified", "verified-focused", "extractive"],
+                    help="answer modes the server systems run in (one run each)")
+    ap.add_argument("--focus-units", type=int, default=6,
+                    help="verified-focused: passage sentences in the prompt (CHATBOT_PROMPT_MAX_UNITS)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "serving.json")
     args = ap.parse_args()
     overrides = {}
@@ -207,20 +220,24 @@ def main() -> int:
 
     from chatbot.testing import start_server, stop_server
 
-    systems = args.systems.split(",")
+    systems = [f"{x}/{m}" if x.startswith("server-") else x
+               for x in args.systems.split(",") for m in (args.answer_modes if x.startswith("server-") else [None])]
     kb = ROOT / "data" / "kb"
     results: dict[str, dict[int, dict]] = {s: {} for s in systems}
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     env = {"MAX_NEW_TOKENS": str(args.max_tokens), "MAX_MODEL_LEN": "2048", "MAX_QUEUED": "512", **overrides}
     for system in systems:
         if system.startswith("server-"):
-            engine = "vllm" if system == "server-vllm" else "transformers"
-            server = start_server(tmp / system, kb, engine, **env)
+            name, mode = system.split("/")
+            engine = "vllm" if name == "server-vllm" else "transformers"
+            mode_env = {"PROMPT_MAX_UNITS": str(args.focus_units)} if mode == "verified-focused" else {}
+            server = start_server(tmp / system.replace("/", "-"), kb, engine,
+                                  answer_mode=mode.removesuffix("-focused"), **{**env, **mode_env})
             try:
                 # one unmeasured request first: lazy loads (index, tokenizer) are not part of N=1
                 asyncio.run(drive_http(server.url, [load_questions(1, seed=7)], args.max_tokens, 0))
                 for n in args.concurrency:
-                    if system == "server-hf" and n > args.hf_max_concurrency:
+                    if name == "server-hf" and n > args.hf_max_concurrency:
                         continue
                     qs = [load_questions(args.turns, seed=1000 * n + i) for i in range(n)]
                     results[system][n] = measure(
@@ -255,18 +272,19 @@ def main() -> int:
 
             asyncio.run(run_all())
 
-    header = (f"{'system':12s} {'N':>4s} {'tok/s':>8s} {'req/s':>7s} {'TTFT p50':>9s} {'TTFT p95':>9s} "
+    width = max(12, *(len(x) for x in systems))
+    header = (f"{'system':{width}s} {'N':>4s} {'tok/s':>8s} {'req/s':>7s} {'TTFT p50':>9s} {'TTFT p95':>9s} "
               f"{'lat p50':>8s} {'lat p95':>8s} {'fail':>5s} {'client CPU s':>12s}")
     print("\n" + header + "\n" + "-" * len(header))
     for system in systems:
         for n, r in sorted(results[system].items()):
-            print(f"{system:12s} {n:4d} {fmt(r['tokens_per_s'], 1):>8s} {fmt(r['requests_per_s']):>7s} "
+            print(f"{system:{width}s} {n:4d} {fmt(r['tokens_per_s'], 1):>8s} {fmt(r['requests_per_s']):>7s} "
                   f"{fmt(r['ttft_p50_s']):>9s} {fmt(r['ttft_p95_s']):>9s} {fmt(r['latency_p50_s']):>8s} "
                   f"{fmt(r['latency_p95_s']):>8s} {r['failures']:5d} {fmt(r['client_cpu_s'], 1):>12s}")
     print("\nratios (tokens/s):")
     for n in args.concurrency:
-        a = results.get("server-vllm", {}).get(n, {}).get("tokens_per_s")
-        b = results.get("server-hf", {}).get(n, {}).get("tokens_per_s")
+        a = results.get("server-vllm/generate", {}).get(n, {}).get("tokens_per_s")
+        b = results.get("server-hf/generate", {}).get(n, {}).get("tokens_per_s")
         c = results.get("raw-vllm", {}).get(n, {}).get("tokens_per_s")
         parts = [f"N={n}:"]
         if a and b:
@@ -274,6 +292,18 @@ def main() -> int:
         if a and c:
             parts.append(f"server-vllm / raw-vllm = {a / c:.2f}")
         print("  " + "  ".join(parts))
+    modes = [m for m in args.answer_modes if m != "generate"]
+    if modes:
+        print("\nlatency and TTFT of each answer mode / generate (p50, p95; below 1 is faster):")
+        for name in sorted({x.split("/")[0] for x in systems if "/" in x}):
+            for n in args.concurrency:
+                g = results.get(f"{name}/generate", {}).get(n)
+                for m in modes:
+                    r = results.get(f"{name}/{m}", {}).get(n)
+                    if g and r:
+                        print(f"  {name} N={n}: {m} latency {r['latency_p50_s'] / g['latency_p50_s']:.2f} / "
+                              f"{r['latency_p95_s'] / g['latency_p95_s']:.2f}, TTFT {r['ttft_p50_s'] / g['ttft_p50_s']:.2f}"
+                              f" / {r['ttft_p95_s'] / g['ttft_p95_s']:.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                      "cpu_count": os.cpu_count(), "results": results}, indent=2))

@@ -200,7 +200,6 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
         created = int(time.time())
         cid = f"chatcmpl-{turn.request_id}"
         model = a.engine.info.model
-        citations = [c.as_dict() for c in turn.citations]
         # the routing decision: intent, calibrated confidence, slots (type, value, offsets), action, reason
         route = turn.route.to_dict() if turn.route is not None else None
 
@@ -214,6 +213,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
         if not body.stream:
             async for _ in turn.stream():
                 pass
+            citations = [c.as_dict() for c in turn.citations]  # with the spans the shown sentences rest on
             return {
                 "id": cid,
                 "object": "chat.completion",
@@ -223,6 +223,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
                 "citations": citations,
                 "route": route,
                 "status": turn.status,
+                "answer": turn.answer_info(),
                 "choices": [
                     {
                         "index": 0,
@@ -246,7 +247,9 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
             return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
         async def events():
-            yield sse({"role": "assistant", "content": ""}, citations=citations, route=route, status=turn.status)
+            # the passages first (no spans yet); the last chunk repeats them with the spans the shown sentences used
+            yield sse({"role": "assistant", "content": ""}, citations=[c.as_dict() for c in turn.citations],
+                      route=route, status=turn.status)
             try:
                 async for text in turn.stream():
                     if await request.is_disconnected():
@@ -258,7 +261,8 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
                 err = {"error": {"message": str(exc), "type": exc.error_type, "code": None}}
                 yield f"data: {json.dumps(err)}\n\n"
                 return
-            yield sse({}, turn.finish_reason, usage=usage(), citations=citations)
+            yield sse({}, turn.finish_reason, usage=usage(), citations=[c.as_dict() for c in turn.citations],
+                      answer=turn.answer_info())
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -103,6 +103,34 @@ class Settings(BaseSettings):
         default="auto", description="Search a flat index on the GPU: auto (if faiss-gpu sees a GPU), cpu, gpu."
     )
 
+    # --- answers (chatbot.verification; docs/answers.md)
+    answer_mode: Literal["verified", "generate", "extractive"] = Field(
+        default="verified",
+        description="verified: each generated sentence is shown only when a passage supports it (else an extractive "
+                    "answer, else an abstention); generate: the engine's raw reply; extractive: passage sentences only.",
+    )
+    verify_min_overlap: float = Field(
+        default=0.6, gt=0.0, le=1.0,
+        description="Verified mode: share of a sentence's content tokens that must occur in one passage sentence.",
+    )
+    extractive_min_score: float = Field(
+        default=0.35, ge=-1.0, le=1.0,
+        description="Cosine of a passage sentence with the question needed to quote it (and it must share a word of "
+                    "the message that the titles do not hold); when none does, the assistant abstains.",
+    )
+    extractive_max_units: int = Field(
+        default=3, ge=1, le=10,
+        description="Passage sentences an answer quotes at most: the extractive answer, or what completes a verified one.")
+    prompt_max_units: int = Field(
+        default=0, ge=0,
+        description="Send the model only this many passage sentences (the most relevant); 0 sends whole chunks.",
+    )
+    abstain_message: str = Field(
+        default="I'm sorry, I can't answer that from our help documents. Would you like me to connect you with a person "
+                "from our support team?",
+        description="What the assistant says when no passage answers the question (offers the handoff).",
+    )
+
     # --- routing (intent / entity heads, finetune.heads; policy: chatbot.router)
     routing: bool = Field(
         default=True,

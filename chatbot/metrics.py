@@ -29,6 +29,10 @@ class Metrics:
         intents: ``chatbot_intents_total{intent}``.
         handoffs: ``chatbot_handoffs_total{reason}``.
         routing_errors: ``chatbot_routing_errors_total``: messages answered unrouted because routing failed.
+        answers: ``chatbot_answers_total{kind}``: replies by how they were made (generated, verified,
+            extractive, abstained, fixed; chatbot.service.ANSWER_KINDS).
+        withheld: ``chatbot_withheld_sentences_total{reason}``: generated sentences no passage supports
+            (unsupported_claim, low_overlap, no_content), never shown.
     """
 
     def __init__(self) -> None:
@@ -49,6 +53,9 @@ class Metrics:
         self.handoffs = Counter("chatbot_handoffs", "Handoffs to a human", ["reason"], registry=r)
         self.routing_errors = Counter("chatbot_routing_errors", "Messages answered unrouted: routing failed",
                                       registry=r)
+        self.answers = Counter("chatbot_answers", "Replies by how they were made", ["kind"], registry=r)
+        self.withheld = Counter("chatbot_withheld_sentences", "Generated sentences withheld: no passage supports them",
+                                ["reason"], registry=r)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) for the ``/metrics`` endpoint."""

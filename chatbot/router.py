@@ -71,7 +71,10 @@ class RoutingPolicy:
         out_of_scope_label: the intent head's out-of-scope label.
         on_out_of_scope, on_low_confidence: ``clarify`` or ``handoff``.
         max_clarifications: clarify this many times in a row, then hand off (>= 0).
-        clarify_message: what the assistant says when it clarifies.
+        clarify_message: what the assistant says when it clarifies (the documents did not answer the
+            message: it says so and offers a person).
+        smalltalk_message: the reply to a greeting, thanks or goodbye (reason ``smalltalk``): fixed, so
+            no unverifiable generated sentence reaches the customer.
         slot_questions: slot type -> the question that asks for it (``ask_slot``).
         default_slot_question: the question for a slot type not in ``slot_questions``
             (``{slot}`` becomes the type with spaces).
@@ -87,8 +90,11 @@ class RoutingPolicy:
     on_out_of_scope: Action = "clarify"
     on_low_confidence: Action = "clarify"
     max_clarifications: int = 1
-    clarify_message: str = ("Sorry, I'm not sure I understood. I can help with orders, deliveries, returns and "
-                            "refunds, payments and your account. Could you tell me a bit more about what you need?")
+    clarify_message: str = ("Sorry, I couldn't find an answer to that in our help documents. I can help with orders, "
+                            "deliveries, returns and refunds, payments and your account: could you tell me a bit more, "
+                            "or would you like me to connect you with a person?")
+    smalltalk_message: str = ("Glad to help! I can answer questions about orders, deliveries, returns and refunds, "
+                              "payments and your account. What can I do for you?")
     slot_questions: dict[str, str] = field(default_factory=lambda: {
         "order_id": "Could you give me your order number, please?"})
     default_slot_question: str = "Could you give me your {slot}, please?"
@@ -101,8 +107,10 @@ class RoutingPolicy:
                 raise ConfigError(f"routing policy {name} must be one of {allowed}, got {v!r}")
         if not isinstance(self.max_clarifications, int) or self.max_clarifications < 0:
             raise ConfigError(f"routing policy max_clarifications must be an int >= 0, got {self.max_clarifications!r}")
-        if not isinstance(self.clarify_message, str) or not self.clarify_message.strip():
-            raise ConfigError("routing policy clarify_message must be a non-empty string")
+        for name in ("clarify_message", "smalltalk_message"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"routing policy {name} must be a non-empty string, got {v!r}")
         if not isinstance(self.slot_questions, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in self.slot_questions.items()):
             raise ConfigError(f"routing policy slot_questions must map slot types to questions, got {self.slot_questions!r}")
@@ -140,7 +148,7 @@ class RoutingPolicy:
         """Build from a dict (YAML content); unknown keys raise ConfigError naming them."""
         known = {"intents", "default_action", "handoff_intents", "human_intents", "human_patterns", "smalltalk_patterns",
                  "out_of_scope_label", "on_out_of_scope", "on_low_confidence", "max_clarifications", "version",
-                 "clarify_message", "slot_questions", "default_slot_question"}
+                 "clarify_message", "smalltalk_message", "slot_questions", "default_slot_question"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"routing policy has unknown keys {unknown}")
@@ -179,9 +187,12 @@ class RoutingPolicy:
         return spec["action"], spec["required_slots"]
 
     def reply_for(self, decision: "RouteDecision") -> str | None:
-        """The fixed reply of a ``clarify`` or ``ask_slot`` decision; None for other actions."""
+        """The fixed reply of a ``clarify`` or ``ask_slot`` decision or of smalltalk (an ``answer`` with
+        reason ``smalltalk``); None for other decisions."""
         if decision.action == "clarify":
             return self.clarify_message
+        if decision.action == "answer" and decision.reason == "smalltalk":
+            return self.smalltalk_message
         if decision.action == "ask_slot":
             slot = decision.missing_slot or "details"
             return self.slot_questions.get(slot) or self.default_slot_question.format(slot=slot.replace("_", " "))

@@ -12,7 +12,7 @@ import time
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from chatbot.admission import Admission, Ticket
 from chatbot.company import PlaceholderStream
@@ -23,6 +23,7 @@ from chatbot.metrics import Metrics
 from chatbot.prompts import BuiltPrompt, build_prompt
 from chatbot.router import RouteDecision, Router
 from chatbot.store import HUMAN_STATUSES, Handoff, Message, Store, ids_as_str
+from chatbot.verification import Evidence, SentenceStream, Verifier, cite, content_tokens, sanitize_passage
 from retrieval.documents import Hit
 from retrieval.retriever import Retriever
 
@@ -56,28 +57,58 @@ def clean_message(text: object, max_chars: int) -> str:
     return cleaned
 
 
+#: a message that opens with one of these continues the previous question ("and if I'm a gold member?")
+_CONTINUATION = re.compile(r"^\W*(and|or|but|also|so|then|what about|how about|what if|same for|even)\b", re.I)
+#: pronouns that point back into the conversation
+_ANAPHORA = re.compile(r"\b(it|its|that|this|they|them|those|these|there|one|ones)\b", re.I)
+
+
+def retrieval_query(text: str, earlier: Sequence[str], reason: str | None = None) -> str:
+    """The retrieval query for ``text`` given the conversation's earlier customer messages.
+
+    The message alone, unless it depends on the previous one: it answers a slot question
+    (``reason == "slot_filled"``), opens like a continuation ("and if ...", "what about ..."),
+    has at most 3 content tokens, or points back with a pronoun ("can I return it?") while
+    having at most 5. Then the previous customer message comes first: ``"<previous> <text>"``.
+    """
+    if not earlier:
+        return text
+    n = len(set(content_tokens(text)))
+    if reason == "slot_filled" or _CONTINUATION.search(text) or n <= 3 or (n <= 5 and _ANAPHORA.search(text)):
+        return f"{earlier[-1]} {text}"
+    return text
+
+
 @dataclass
 class Citation:
-    """A cited source document: ``number`` is the passage's [n] in the prompt."""
+    """A cited passage: ``number`` is its [n] in the prompt and the reply.
+
+    Attributes:
+        passage: the passage text the answer was checked against (instructions to the assistant removed).
+        spans: ``[start, end)`` character spans of ``passage`` that support the shown sentences
+            (verified and extractive answers; empty in ``generate`` mode).
+    """
 
     number: int
     doc_id: str
     title: str
     source: str
     score: float
+    passage: str = ""
+    spans: list[tuple[int, int]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"number": self.number, "doc_id": self.doc_id, "title": self.title, "source": self.source,
-                "score": round(self.score, 4)}
+                "score": round(self.score, 4), "passage": self.passage, "spans": [list(sp) for sp in self.spans]}
 
 
 def citations_from_hits(hits: Sequence[Hit]) -> list[Citation]:
-    """One citation per document, in passage order (a document's first passage gives its number)."""
-    seen: dict[str, Citation] = {}
-    for i, h in enumerate(hits, 1):
-        if h.doc_id not in seen:
-            seen[h.doc_id] = Citation(i, h.doc_id, h.title, h.source, h.score)
-    return list(seen.values())
+    """One citation per passage, numbered as in the prompt ([1] is the first passage)."""
+    return [Citation(i, h.doc_id, h.title, h.source, h.score, h.text) for i, h in enumerate(hits, 1)]
+
+
+#: Turn.answer_kind values: how the reply that reached the customer was made
+ANSWER_KINDS = ("generated", "verified", "extractive", "abstained", "fixed")
 
 
 @dataclass
@@ -123,8 +154,27 @@ class Turn:
     fixed_reply: str | None = None
     #: version of the LoRA adapter the engine served the reply with (None: the base model)
     adapter_version: str | None = None
+    #: ``generate``, ``verified`` or ``extractive`` (settings.answer_mode)
+    mode: str = "generate"
+    #: how the reply was made: one of :data:`ANSWER_KINDS` (None until streamed)
+    answer_kind: str | None = None
+    #: generated sentences verification withheld: ``[{"text", "reason", "claims", "overlap"}]``
+    withheld: list[dict] = field(default_factory=list)
+    #: the question's passage units scored against it (verified / extractive modes)
+    evidence: Evidence | None = field(default=None, repr=False)
     _assistant: "Assistant | None" = field(default=None, repr=False)
     _ticket: Ticket | None = field(default=None, repr=False)
+
+    @property
+    def offers_handoff(self) -> bool:
+        """True when the reply offers the customer a person: an abstention, or the policy's clarify."""
+        return self.answer_kind == "abstained" or (self.route is not None and self.route.action == "clarify")
+
+    def answer_info(self) -> dict:
+        """``{"mode", "kind", "offer_handoff", "withheld"}``: how the reply was made (API field ``answer``);
+        ``withheld`` is the number of generated sentences not shown (their text is for staff only)."""
+        return {"mode": self.mode, "kind": self.answer_kind, "offer_handoff": self.offers_handoff,
+                "withheld": len(self.withheld)}
 
     async def stream(self) -> AsyncIterator[str]:
         """Yield reply text deltas; store the turn when generation ends.
@@ -134,6 +184,13 @@ class Turn:
         so nothing of the reply is stored when the client stops reading early, the request
         times out or generation fails. A failed log write does not fail the reply
         (:class:`~chatbot.conversation_log.ConversationLog` keeps it for a retry).
+
+        In ``verified`` mode the deltas are whole sentences, each shown only when a passage
+        supports it (:class:`~chatbot.verification.Verifier`) and ending with its citation
+        ``[n]``; withheld sentences are kept in :attr:`withheld`. When none is shown the reply
+        is extractive (the passage sentences closest to the question, quoted) or, when none
+        is close enough, the abstention that offers a person. Joined, the deltas are
+        exactly :attr:`text`, the stored reply.
 
         Raises:
             RequestTimeoutError: the reply took longer than ``request_timeout_s``.
@@ -146,6 +203,8 @@ class Turn:
         a = self._assistant
         if self.fixed_reply is not None:
             self.text, self.finish_reason, self.ttft_ms, self.latency_ms = self.fixed_reply, "stop", 0.0, 0.0
+            self.answer_kind = self.answer_kind or "fixed"
+            a.metrics.answers.labels(self.answer_kind).inc()
             yield self.fixed_reply
             await asyncio.to_thread(a.record, self)
             return
@@ -153,20 +212,42 @@ class Turn:
         m = a.metrics
         t0 = time.perf_counter()
         parts: list[str] = []
+        deltas = self._generate() if self.mode == "generate" else self._verified()
+        try:
+            async for out in deltas:
+                if self.ttft_ms is None:
+                    self.ttft_ms = (time.perf_counter() - t0) * 1000
+                parts.append(out)
+                yield out
+        finally:
+            await deltas.aclose()
+        self.text = "".join(parts)
+        self.latency_ms = (time.perf_counter() - t0) * 1000
+        m.latency.observe(self.latency_ms / 1000)
+        if self.ttft_ms is not None:
+            m.ttft.observe(self.ttft_ms / 1000)
+        m.generated_tokens.inc(self.completion_tokens)
+        m.prompt_tokens.inc(self.prompt_tokens)
+        m.answers.labels(self.answer_kind or "generated").inc()
+        log.debug("turn %s: %d tokens in %.0f ms", self.request_id, self.completion_tokens, self.latency_ms)
+        await asyncio.to_thread(a.record, self)
+
+    async def _generate(self) -> AsyncIterator[str]:
+        """The engine's reply as text deltas, company-field markers filled; sets token counts and
+        the finish reason. Holds the admission ticket while it runs."""
+        a = self._assistant
+        m = a.metrics
         # a fine-tuned reply writes company details as [[field]] markers (chatbot.company): filled here,
         # across delta boundaries, before the customer sees or the log stores them
         fill = PlaceholderStream(a.settings.company_fields)
+        self.answer_kind = "generated"
         try:
             await self._ticket.acquire()
             self.adapter_version = a.engine.info.adapter_version  # what the engine serves this request with
-            t_start = time.perf_counter()
             async with asyncio.timeout(a.settings.request_timeout_s):
                 async for chunk in a.engine.stream(self.prompt.messages, self.params, self.request_id):
                     out = fill.push(chunk.text) if chunk.text else ""
                     if out:
-                        if self.ttft_ms is None:
-                            self.ttft_ms = (time.perf_counter() - t0) * 1000
-                        parts.append(out)
                         yield out
                     self.prompt_tokens = chunk.prompt_tokens
                     self.completion_tokens = chunk.completion_tokens
@@ -174,9 +255,6 @@ class Turn:
                         self.finish_reason = chunk.finish_reason
                 tail = fill.flush()
                 if tail:
-                    if self.ttft_ms is None:
-                        self.ttft_ms = (time.perf_counter() - t0) * 1000
-                    parts.append(tail)
                     yield tail
         except TimeoutError as exc:
             m.rejected.labels("timeout").inc()
@@ -189,16 +267,62 @@ class Turn:
             raise
         finally:
             self._ticket.release()
-        self.text = "".join(parts)
-        self.latency_ms = (time.perf_counter() - t0) * 1000
-        m.latency.observe(self.latency_ms / 1000)
-        if self.ttft_ms is not None:
-            m.ttft.observe(self.ttft_ms / 1000)
-        m.generated_tokens.inc(self.completion_tokens)
-        m.prompt_tokens.inc(self.prompt_tokens)
-        log.debug("turn %s: %d tokens in %.0f ms (%.0f ms in the engine)", self.request_id,
-                  self.completion_tokens, self.latency_ms, (time.perf_counter() - t_start) * 1000)
-        await asyncio.to_thread(a.record, self)
+
+    async def _verified(self) -> AsyncIterator[str]:
+        """Verified mode: the engine's sentences that a passage supports, each with its citation;
+        else the extractive answer, else the abstention (see :meth:`stream`)."""
+        a = self._assistant
+        s = a.settings
+        verifier = Verifier([h.text for h in self.prompt.hits], s.verify_min_overlap,
+                            trusted=list(s.company_fields.values()))
+        sentences = SentenceStream()
+        shown = 0
+        gen = self._generate()
+
+        def verdicts(batch: list[str]) -> list[str]:
+            nonlocal shown
+            out = []
+            for sent in batch:
+                if not sent.strip():
+                    continue
+                v = verifier.check(sent)
+                if v.supported:
+                    self._mark(v.unit)
+                    out.append(("" if shown == 0 else " ") + cite(sent, v.unit.passage))
+                    shown += 1
+                else:
+                    self.withheld.append({"text": sent.strip(), "reason": v.reason, "claims": v.missing_claims,
+                                          "overlap": round(v.overlap, 3)})
+                    a.metrics.withheld.labels(v.reason).inc()
+            return out
+
+        try:
+            async for delta in gen:
+                for out in verdicts(sentences.push(delta)):
+                    yield out
+        finally:
+            await gen.aclose()
+        for out in verdicts(sentences.flush()):
+            yield out
+        if shown:
+            # the passage sentences closest to the question that no shown sentence rests on yet complete
+            # the answer, up to extractive_max_units sentences in all (a small model often states one fact)
+            used = {(c.number, sp) for c in self.citations for sp in c.spans}
+            extra = [u for u in a.extractive_units(self) if (u.passage, (u.start, u.end)) not in used]
+            for u in extra[: max(0, s.extractive_max_units - shown)]:
+                self._mark(u)
+                yield " " + cite(u.text, u.passage)
+            self.answer_kind = "verified"
+            return
+        text, kind = a.extractive_reply(self)
+        self.answer_kind = kind
+        yield text
+
+    def _mark(self, unit) -> None:
+        """Record ``unit``'s span on its passage's citation (a shown sentence rests on it)."""
+        for c in self.citations:
+            if c.number == unit.passage and (unit.start, unit.end) not in c.spans:
+                c.spans.append((unit.start, unit.end))
 
 
 class Assistant:
@@ -243,8 +367,11 @@ class Assistant:
         self.admission = Admission(max_running, settings.max_queued, settings.retry_after_s, self.metrics)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Assistant":
+    def from_settings(cls, settings: Settings, index_dir=None, database_url: str | None = None) -> "Assistant":
         """Build the assistant the settings describe (engine not started yet).
+
+        ``index_dir`` and ``database_url`` override the settings' index and store (evaluations
+        run over their own document collection and keep their conversations out of the log).
 
         Raises:
             ModelAssetError: the embedded chat model could not be prepared.
@@ -257,9 +384,9 @@ class Assistant:
 
         engine = build_engine(settings, resolve_chat_model(settings))
         embedder = Embedder(resolve_embedder(settings), name=settings.embedder)
-        retriever = Retriever(settings.index_dir, embedder, settings)
+        retriever = Retriever(index_dir or settings.index_dir, embedder, settings)
         router = Router.from_settings(settings) if settings.routing else None
-        return cls(settings, engine, retriever, Store(settings.resolved_database_url), router=router)
+        return cls(settings, engine, retriever, Store(database_url or settings.resolved_database_url), router=router)
 
     async def start_turn(
         self,
@@ -317,16 +444,19 @@ class Assistant:
             history = list(history or [])[-2 * s.history_turns :] if s.history_turns else []
         hits: list[Hit] = []
         index_version = None
+        mode = s.answer_mode
+        earlier = [r.text for r in rows if r.role == "user"] if conversation_id is not None else [
+            m.content for m in history if m.role == "user"]
+        query = retrieval_query(user_text, earlier, route.reason if route is not None else None)
         # the passages serve an answer, or the grounding check of an out-of-scope / low-confidence
-        # decision (Router.ground); a person request, a complaint or a slot question needs none
+        # decision (Router.ground); a person request, a complaint, a slot question or smalltalk needs none
+        fixed_route = route is not None and (route.action in ("ask_slot", "handoff") or route.reason == "smalltalk")
         needs_search = route is None or route.action == "answer" or (
             s.route_grounded_min_score is not None and Router.groundable(route))
-        if self.retriever is not None and needs_search:
-            query = user_text
-            if route is not None and route.reason == "slot_filled":  # the question was in the earlier message
-                earlier = [r.text for r in rows if r.role == "user"]
-                query = f"{earlier[-1]} {user_text}" if earlier else user_text
+        if self.retriever is not None and needs_search and not fixed_route:
             hits = await asyncio.to_thread(self.retriever.search, query, s.top_k, s.min_score)
+            # a document's sentences that address the assistant are an injection, not policy: never prompted
+            hits = [replace(h, text=sanitize_passage(h.text)) for h in hits]
             index_version = self.retriever.version
         if route is not None:
             route = Router.ground(route, max((h.score for h in hits), default=None), s.route_grounded_min_score)
@@ -336,16 +466,35 @@ class Assistant:
             fixed = self.router.policy.reply_for(route)
             if fixed is not None:
                 return await self._fixed_turn(conversation_id, user_text, channel, route, fixed)
+        evidence = None
+        if mode != "generate":
+            if not hits:  # nothing in the documents: say so and offer a person, generate nothing
+                return await self._fixed_turn(conversation_id, user_text, channel, route, s.abstain_message,
+                                              kind="abstained")
+            encode = self.retriever.embedder.encode
+            evidence = await asyncio.to_thread(
+                Evidence.build, query, [h.text for h in hits], encode, user_text, [h.title for h in hits],
+                [" > ".join(h.headings) for h in hits])
+            if mode == "extractive":
+                turn = await self._fixed_turn(conversation_id, user_text, channel, route, "", hits=hits,
+                                              index_version=index_version)
+                turn.evidence = evidence
+                turn.fixed_reply, turn.answer_kind = self.extractive_reply(turn)
+                return turn
         await self.engine.start()
         await self.adapters.sync(self.engine)  # a promoted adapter goes live here
+        prompt_hits = hits
+        if evidence is not None and s.prompt_max_units:  # only the passage sentences that matter (shorter prefill)
+            prompt_hits = evidence.focus(hits, s.prompt_max_units)
         prompt = build_prompt(
             s.system_prompt,
             user_text,
-            hits,
+            prompt_hits,
             history,
             self.engine.count_prompt_tokens,
             s.max_model_len - params.max_tokens,
         )
+        prompt.hits = hits[: len(prompt.hits)]  # verified and cited against the whole passages
         ticket = self.admission.reserve()  # raises TooBusyError (429) when the queue is full
         turn = Turn(
             _ticket=ticket,
@@ -359,6 +508,8 @@ class Assistant:
             index_version=index_version,
             channel=channel,
             route=route,
+            mode=mode,
+            evidence=evidence,
             _assistant=self,
         )
         try:  # the customer's message is stored now, before any reply exists (never lost)
@@ -398,19 +549,24 @@ class Assistant:
             self.metrics.routing_errors.inc()
             return None
 
-    async def _fixed_turn(self, conversation_id: str | None, user_text: str, channel: str, route: RouteDecision,
-                          reply: str, new: bool | None = None) -> Turn:
+    async def _fixed_turn(self, conversation_id: str | None, user_text: str, channel: str,
+                          route: RouteDecision | None, reply: str, new: bool | None = None, kind: str = "fixed",
+                          hits: Sequence[Hit] = (), index_version: str | None = None) -> Turn:
         """Store the customer's message and return a turn that answers with ``reply`` (no generation).
 
-        ``new``: whether the message opens the conversation (default: ``conversation_id is None``).
+        Args:
+            new: whether the message opens the conversation (default: ``conversation_id is None``).
+            kind: the turn's :attr:`Turn.answer_kind` (``fixed``, ``abstained``, ``extractive``).
+            hits: passages the reply quotes (extractive answers), cited and logged with it.
         """
         new = conversation_id is None if new is None else new
         turn = Turn(
             request_id=uuid.uuid4().hex, conversation_id=conversation_id or uuid.uuid4().hex,
             new_conversation=new, user_text=user_text,
-            prompt=BuiltPrompt(messages=[], hits=[], history_kept=0, prompt_tokens=0),
-            params=GenerationParams(max_tokens=1), citations=[], index_version=None, channel=channel,
-            route=route, fixed_reply=reply, _assistant=self,
+            prompt=BuiltPrompt(messages=[], hits=list(hits), history_kept=0, prompt_tokens=0),
+            params=GenerationParams(max_tokens=1), citations=citations_from_hits(hits), index_version=index_version,
+            channel=channel, route=route, fixed_reply=reply, answer_kind=kind, mode=self.settings.answer_mode,
+            _assistant=self,
         )
         stored = await asyncio.to_thread(self.log.customer_message, turn.conversation_id, user_text, turn.request_id,
                                          channel, turn.new_conversation, route)
@@ -486,6 +642,7 @@ class Assistant:
         reports it and keeps the reply for a retry (``turn.message_id`` stays None).
         """
         fixed = turn.fixed_reply is not None
+        engine = self.engine.info.name if not fixed else ("router" if turn.answer_kind == "fixed" else "verifier")
         reply = Message(
             conversation_id="",
             role="assistant",
@@ -494,7 +651,7 @@ class Assistant:
             chunk_scores=[round(h.score, 4) for h in turn.prompt.hits],
             citations=[c.as_dict() for c in turn.citations],
             model=None if fixed else self.engine.info.model,
-            engine="router" if fixed else self.engine.info.name,
+            engine=engine,
             adapter_version=turn.adapter_version,
             action=turn.route.action if fixed and turn.route is not None else None,
             index_version=turn.index_version,
@@ -503,11 +660,36 @@ class Assistant:
             ttft_ms=turn.ttft_ms,
             prompt_tokens=turn.prompt_tokens,
             completion_tokens=turn.completion_tokens,
+            answer_kind=turn.answer_kind,
+            withheld=turn.withheld or None,
         )
         reply.conversation_id = turn.conversation_id
         reply.request_id = turn.request_id
         msg = self.log.reply(reply)
         turn.message_id = msg.id if msg is not None else None
+
+    def extractive_units(self, turn: Turn) -> list:
+        """The passage units an extractive answer of ``turn`` quotes: up to ``extractive_max_units``
+        scoring at least ``extractive_min_score`` with the question and on its topic, best first
+        (:meth:`chatbot.verification.Evidence.best`); empty without evidence."""
+        s = self.settings
+        return turn.evidence.best(s.extractive_max_units, s.extractive_min_score) if turn.evidence else []
+
+    def extractive_reply(self, turn: Turn) -> tuple[str, str]:
+        """The extractive answer of ``turn``: its :meth:`extractive_units`, quoted verbatim in order of relevance,
+        each with its citation [n] (spans marked on :attr:`Turn.citations`); when none is close
+        enough, the abstention that offers a person.
+
+        Returns:
+            ``(text, kind)`` with kind ``extractive`` or ``abstained``.
+        """
+        s = self.settings
+        units = self.extractive_units(turn)
+        if not units:
+            return s.abstain_message, "abstained"
+        for u in units:
+            turn._mark(u)
+        return " ".join(cite(u.text, u.passage) for u in units), "extractive"
 
     async def respond(self, conversation_id: str | None, text: object, **kwargs) -> Turn:
         """Run a whole turn without streaming; return the finished :class:`Turn`."""

@@ -127,6 +127,11 @@ class Message(SQLModel, table=True):
     action: str | None = Field(default=None, max_length=16, description="answer | ask_slot | handoff | clarify | held")
     redactions: dict | None = Field(default=None, sa_column=Column(JSON), description="{kind: count} redacted")
     author_id: int | None = Field(default=None, description="app_user.id of the staff member (staff messages)")
+    # added by migration 0003 (verified answers)
+    answer_kind: str | None = Field(default=None, max_length=16,
+                                    description="generated | verified | extractive | abstained | fixed")
+    withheld: list | None = Field(default=None, sa_column=Column(JSON),
+                                  description="generated sentences not shown: [{text, reason, claims, overlap}]")
 
 
 class Feedback(SQLModel, table=True):

@@ -38,7 +38,7 @@ class Server:
 
 
 def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, routing: bool = False,
-                 **env_settings: str) -> Server:
+                 answer_mode: str = "generate", **env_settings: str) -> Server:
     """Run ``chatbot setup`` then ``chatbot serve`` with data in ``tmp/var``; wait for ``/healthz``.
 
     Args:
@@ -49,6 +49,8 @@ def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, routing
         routing: route messages with the shipped heads (``CHATBOT_ROUTING``). Off by default:
             the tests and benchmarks that use a live server measure the engine and the API, and
             a greeting would otherwise get the policy's fixed clarify reply instead of generation.
+        answer_mode: ``CHATBOT_ANSWER_MODE``; ``generate`` by default for the same reason (the
+            served default is ``verified``; bench/serving.py measures both).
         env_settings: more settings, e.g. ``MAX_QUEUED="0"`` becomes ``CHATBOT_MAX_QUEUED=0``.
 
     Raises:
@@ -65,6 +67,7 @@ def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, routing
         "CHATBOT_MAX_MODEL_LEN": "1024",
         "HF_HUB_OFFLINE": "1",
         "CHATBOT_ROUTING": "true" if routing else "false",
+        "CHATBOT_ANSWER_MODE": answer_mode,
         **{f"CHATBOT_{k.upper()}": v for k, v in env_settings.items()},
     }
     cli = [sys.executable, "-m", "chatbot.cli"]

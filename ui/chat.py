@@ -26,11 +26,46 @@ CLOSED_NOTICE = "Our support team closed this conversation. Write again any time
 STAFF_PREFIX = "**Support agent:** "
 
 
+def _field(c, name: str, default=None):
+    return c.get(name, default) if isinstance(c, dict) else getattr(c, name, default)
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` shown literally in Markdown (no emphasis, links, images or HTML from a document)."""
+    text = text.replace("\\", "\\\\").replace("<", "&lt;").replace(">", "&gt;")
+    for ch in "*_`[]!#|~":
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("\n", " ")
+
+
+def highlight_spans(passage: str, spans: Sequence, window: int = 80) -> str:
+    """Markdown excerpts of ``passage`` around each ``[start, end)`` span, the span in bold, the
+    rest escaped; excerpts are cut ``window`` characters either side (``…`` marks a cut)."""
+    parts = []
+    for start, end in sorted((int(a), int(b)) for a, b in spans):
+        lo, hi = max(0, start - window), min(len(passage), end + window)
+        before, mark, after = passage[lo:start], passage[start:end], passage[end:hi]
+        parts.append(("…" if lo else "") + escape_markdown(before) + "**" + escape_markdown(mark) + "**"
+                     + escape_markdown(after) + ("…" if hi < len(passage) else ""))
+    return " ".join(parts)
+
+
 def format_sources(citations: Sequence) -> str:
-    """Markdown block listing the cited documents: ``[n] Title (source)``; empty when none."""
+    """Markdown block under an answer: each cited passage ``[n] Title (source)`` and, for a verified
+    or extractive answer, the passage text its sentences rest on with the supporting span in bold.
+    Passages no shown sentence used are left out when some have spans; empty without citations.
+
+    ``citations``: :class:`chatbot.service.Citation` objects or their ``as_dict()`` dicts.
+    """
     if not citations:
         return ""
-    lines = [f"[{c.number}] {c.title} ({c.source})" for c in citations]
+    used = [c for c in citations if _field(c, "spans")]
+    lines = []
+    for c in used or citations:
+        line = f"[{_field(c, 'number')}] {escape_markdown(str(_field(c, 'title', '')))} ({escape_markdown(str(_field(c, 'source', '')))})"
+        if _field(c, "spans"):
+            line += "\n  > " + highlight_spans(_field(c, "passage", ""), _field(c, "spans"))
+        lines.append(line)
     return "\n\n---\n**Sources**\n\n" + "\n".join(f"- {line}" for line in lines)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 from chatbot.errors import ChatbotError
+from ui.chat import escape_markdown, format_sources
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def render_transcript(t: dict) -> str:
         if m.get("redactions"):
             meta.append("redacted " + ", ".join(f"{k}×{v}" for k, v in m["redactions"].items()))
         if m["role"] == "assistant":
+            if m.get("answer_kind"):
+                meta.append(f"answer {m['answer_kind']}")
             if m.get("citations"):
                 meta.append("sources " + "; ".join(f"[{x['number']}] {x['title']} ({x['doc_id']}, {x['score']})"
                                                    for x in m["citations"]))
@@ -86,6 +89,15 @@ def render_transcript(t: dict) -> str:
         if meta:
             lines.append("")
             lines.append("<small>" + " · ".join(html.escape(x) for x in meta) + "</small>")
+        if m["role"] == "assistant" and any(c.get("spans") for c in m.get("citations") or []):
+            lines.append("")
+            lines.append("Supported by:" + format_sources(m["citations"]).split("**Sources**", 1)[1])
+        if m.get("withheld"):  # generated sentences verification did not show the customer
+            lines.append("")
+            lines.append("Withheld (not shown to the customer):")
+            lines += [f"- ~~{escape_markdown(w.get('text', ''))}~~ ({html.escape(str(w.get('reason')))}"
+                      + (f": {html.escape(', '.join(map(str, w['claims'])))}" if w.get("claims") else "") + ")"
+                      for w in m["withheld"]]
         lines.append("")
     return "\n".join(lines)
 

@@ -54,11 +54,16 @@ class ScriptedEngine(Engine):
 
 
 def make_assistant(tmp_path, engine: Engine | None = None, url: str | None = None, **settings):
-    """An :class:`~chatbot.service.Assistant` on a SQLite file in ``tmp_path`` (or ``url``), no retrieval."""
+    """An :class:`~chatbot.service.Assistant` on a SQLite file in ``tmp_path`` (or ``url``), no retrieval.
+
+    ``answer_mode`` defaults to ``generate`` (these tests are about the plumbing around the engine;
+    verification has its own tests, tests/chatbot/test_verified_answers.py).
+    """
     from chatbot.config import Settings
     from chatbot.service import Assistant
     from chatbot.store import Store
 
+    settings.setdefault("answer_mode", "generate")
     s = Settings(data_dir=tmp_path / "var", **settings)
     store = Store(url or s.resolved_database_url)
     return Assistant(s, engine or ScriptedEngine(), None, store)

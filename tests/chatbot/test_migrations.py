@@ -24,7 +24,7 @@ EXPECTED = {
         ("latency_ms", "float", True), ("ttft_ms", "float", True), ("prompt_tokens", "int", True),
         ("completion_tokens", "int", True), ("request_id", "str64", True), ("intent", "str64", True),
         ("confidence", "float", True), ("slots", "json", True), ("action", "str16", True),
-        ("redactions", "json", True), ("author_id", "int", True),
+        ("redactions", "json", True), ("author_id", "int", True), ("answer_kind", "str16", True), ("withheld", "json", True),
     ],
     "feedback": [
         ("id", "int", False), ("conversation_id", "str64", False), ("message_id", "int", False),
@@ -107,7 +107,7 @@ def test_migrated_schema_column_by_column(db_url):
                     ("conversation", "started_at"), ("handoff", "status"), ("feedback", "conversation_id")]:
             assert col in indexed
         with store.engine.connect() as c:
-            assert current_revision(c) == head_revision() == "0002"
+            assert current_revision(c) == head_revision() == "0003"
     finally:
         store.close()
 
@@ -173,7 +173,7 @@ def test_a_skeleton_database_is_upgraded_in_place(tmp_path):
     store.add_message(Message(conversation_id="c1", role="user", text="new", intent="greeting"))
     assert store.count(Message) == 3
     with store.engine.connect() as c:
-        assert current_revision(c) == "0002"
+        assert current_revision(c) == "0003"
     assert store.integrity_check() == "ok"
     store.close()
 
@@ -187,7 +187,7 @@ def test_opening_a_migrated_database_again_is_cheap_and_changes_nothing(tmp_path
     s = Store(url)
     assert time.perf_counter() - t < 2.0
     with s.engine.connect() as c:
-        assert current_revision(c) == "0002"
+        assert current_revision(c) == "0003"
     s.close()
 
 

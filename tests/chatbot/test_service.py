@@ -30,11 +30,13 @@ def test_clean_message_rejects(raw, needle):
         clean_message(raw, 100)
 
 
-def test_citations_one_per_document_in_passage_order():
-    hits = [Hit(1, "a.md", "A", "sa", "t", 0.9, 1), Hit(2, "b.md", "B", "sb", "t", 0.8, 2),
-            Hit(3, "a.md", "A", "sa", "t", 0.7, 3)]
+def test_citations_one_per_passage_numbered_as_in_the_prompt():
+    # one per passage (not per document): a reply sentence cites the passage [n] it rests on, with a span in it
+    hits = [Hit(1, "a.md", "A", "sa", "t1", 0.9, 1), Hit(2, "b.md", "B", "sb", "t2", 0.8, 2),
+            Hit(3, "a.md", "A", "sa", "t3", 0.7, 3)]
     cites = citations_from_hits(hits)
-    assert [(c.number, c.doc_id) for c in cites] == [(1, "a.md"), (2, "b.md")]
+    assert [(c.number, c.doc_id, c.passage, c.spans) for c in cites] == [
+        (1, "a.md", "t1", []), (2, "b.md", "t2", []), (3, "a.md", "t3", [])]
 
 
 def test_company_field_markers_are_filled_in_the_stream_and_the_log(tmp_path):
