@@ -436,7 +436,7 @@ def cmd_eval_answers(args) -> int:
             "engine": info.name, "model": info.model, "adapter": info.adapter_version,
             "settings": {k: getattr(s, k) for k in (
                 "top_k", "min_score", "retrieval_mode", "verify_min_overlap", "extractive_min_score",
-                "extractive_max_units", "prompt_max_units", "max_new_tokens", "temperature",
+                "extractive_max_units", "extractive_on_topic", "prompt_max_units", "max_new_tokens", "temperature",
                 "route_grounded_min_score", "routing")},
             "docs": [str(d) for d in args.docs or []],
         })

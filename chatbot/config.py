@@ -115,8 +115,13 @@ class Settings(BaseSettings):
     )
     extractive_min_score: float = Field(
         default=0.35, ge=-1.0, le=1.0,
-        description="Cosine of a passage sentence with the question needed to quote it (and it must share a word of "
-                    "the message that the titles do not hold); when none does, the assistant abstains.",
+        description="Cosine of a passage sentence with the question needed to quote it; when none has it, the "
+                    "assistant abstains.",
+    )
+    extractive_on_topic: bool = Field(
+        default=False,
+        description="Quote only passage sentences sharing a word of the message that the passage titles do not hold: "
+                    "more abstentions on unanswerable questions, fewer facts on answerable ones (docs/answers.md).",
     )
     extractive_max_units: int = Field(
         default=3, ge=1, le=10,

@@ -305,11 +305,10 @@ class Turn:
         for out in verdicts(sentences.flush()):
             yield out
         if shown:
-            # the passage sentences closest to the question that no shown sentence rests on yet complete
-            # the answer, up to extractive_max_units sentences in all (a small model often states one fact)
+            # the extractive answer's sentences that no shown sentence rests on yet complete the answer:
+            # a verified answer holds every fact the extractive one does (a small model often states one)
             used = {(c.number, sp) for c in self.citations for sp in c.spans}
-            extra = [u for u in a.extractive_units(self) if (u.passage, (u.start, u.end)) not in used]
-            for u in extra[: max(0, s.extractive_max_units - shown)]:
+            for u in [u for u in a.extractive_units(self) if (u.passage, (u.start, u.end)) not in used]:
                 self._mark(u)
                 yield " " + cite(u.text, u.passage)
             self.answer_kind = "verified"
@@ -450,10 +449,9 @@ class Assistant:
         query = retrieval_query(user_text, earlier, route.reason if route is not None else None)
         # the passages serve an answer, or the grounding check of an out-of-scope / low-confidence
         # decision (Router.ground); a person request, a complaint, a slot question or smalltalk needs none
-        fixed_route = route is not None and (route.action in ("ask_slot", "handoff") or route.reason == "smalltalk")
-        needs_search = route is None or route.action == "answer" or (
-            s.route_grounded_min_score is not None and Router.groundable(route))
-        if self.retriever is not None and needs_search and not fixed_route:
+        groundable = route is not None and s.route_grounded_min_score is not None and Router.groundable(route)
+        needs_search = route is None or (route.action == "answer" and route.reason != "smalltalk") or groundable
+        if self.retriever is not None and needs_search:
             hits = await asyncio.to_thread(self.retriever.search, query, s.top_k, s.min_score)
             # a document's sentences that address the assistant are an injection, not policy: never prompted
             hits = [replace(h, text=sanitize_passage(h.text)) for h in hits]
@@ -670,10 +668,13 @@ class Assistant:
 
     def extractive_units(self, turn: Turn) -> list:
         """The passage units an extractive answer of ``turn`` quotes: up to ``extractive_max_units``
-        scoring at least ``extractive_min_score`` with the question and on its topic, best first
+        scoring at least ``extractive_min_score`` with the question (and on its topic with
+        ``extractive_on_topic``), best first
         (:meth:`chatbot.verification.Evidence.best`); empty without evidence."""
         s = self.settings
-        return turn.evidence.best(s.extractive_max_units, s.extractive_min_score) if turn.evidence else []
+        if turn.evidence is None:
+            return []
+        return turn.evidence.best(s.extractive_max_units, s.extractive_min_score, on_topic=s.extractive_on_topic)
 
     def extractive_reply(self, turn: Turn) -> tuple[str, str]:
         """The extractive answer of ``turn``: its :meth:`extractive_units`, quoted verbatim in order of relevance,

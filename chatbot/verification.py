@@ -361,19 +361,23 @@ class Evidence:
         """The best unit's score (None without units)."""
         return max(self.scores) if self.scores else None
 
-    def best(self, k: int, min_score: float, min_tokens: int = 2, on_topic: bool = True) -> list[Unit]:
-        """Up to ``k`` units scoring at least ``min_score``, best first; units with fewer than
-        ``min_tokens`` content tokens are skipped, and with ``on_topic`` so are units off the
-        message's topic (:attr:`on_topic`)."""
+    def best(self, k: int, min_score: float, min_tokens: int = 2, on_topic: bool = False) -> list[Unit]:
+        """Up to ``k`` distinct units scoring at least ``min_score``, best first; units with fewer than
+        ``min_tokens`` content tokens, repeats of a unit's text (the same line in two passages) and,
+        with ``on_topic``, units off the message's topic (:attr:`on_topic`) are skipped."""
         ranked = sorted(range(len(self.units)), key=lambda i: -self.scores[i])
-        out = []
+        out: list[Unit] = []
+        seen: set[str] = set()
         for i in ranked:
             if self.scores[i] < min_score or len(out) >= k:
                 break
-            if on_topic and self.on_topic and not self.on_topic[i]:
+            u = self.units[i]
+            key = " ".join(u.text.lower().split())
+            if key in seen or (on_topic and self.on_topic and not self.on_topic[i]):
                 continue
-            if len(set(content_tokens(self.units[i].text))) >= min_tokens:
-                out.append(self.units[i])
+            if len(set(content_tokens(u.text))) >= min_tokens:
+                out.append(u)
+                seen.add(key)
         return out
 
     def focus(self, hits: Sequence, max_units: int) -> list:

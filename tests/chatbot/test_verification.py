@@ -109,3 +109,33 @@ def test_sentence_stream_returns_whole_sentences_and_joins_to_the_input():
     assert [s.strip() for s in out] == ["Hello there.", "Standard shipping is $8.00 per order.", "Next line",
                                         "- item two!", "Last one"]
     assert "Standard shipping is $8." not in [s.strip() for s in out]  # "$8.00" is not cut at its dot
+
+
+def _encoder(scores):
+    """A stand-in embedder: the query is e0, unit i gets cosine ``scores[i]`` with it."""
+    import numpy as np
+
+    def encode(texts):
+        assert len(texts) == len(scores) + 1
+        rows = [[1.0, 0.0]] + [[s, (1 - s * s) ** 0.5] for s in scores]
+        return np.array(rows, dtype=np.float32)
+
+    return encode
+
+
+def test_evidence_best_ranks_dedupes_thresholds_and_optionally_keeps_to_the_topic():
+    from chatbot.verification import Evidence
+
+    passages = ["# Allenbell\n## Do I have to pay for WiFi?\nThere is free Wifi at Allenbell.\n"
+                "## When is check-in?\nCheck-in time at Allenbell is at 14:00.\n",
+                "Check-in time at Allenbell is at 14:00.\nAllenbell is a pet free facility."]
+    ev = Evidence.build("Is the wifi free at Allenbell?", passages, _encoder([0.9, 0.5, 0.5, 0.2]),
+                        titles=["Allenbell", "Allenbell"])
+    assert [u.context for u in ev.units] == ["Do I have to pay for WiFi?", "When is check-in?"] + ["Allenbell"] * 2
+    assert [u.text for u in ev.best(3, 0.3)] == ["There is free Wifi at Allenbell.",
+                                                "Check-in time at Allenbell is at 14:00."]  # the repeat is skipped
+    assert [u.text for u in ev.best(3, 0.95)] == []
+    # on topic: a unit (or its heading) must share a message word the titles do not hold ("wifi", "free")
+    assert ev.on_topic == [True, False, False, True]
+    assert [u.text for u in ev.best(3, 0.1, on_topic=True)] == ["There is free Wifi at Allenbell.",
+                                                               "Allenbell is a pet free facility."]
