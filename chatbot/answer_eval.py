@@ -24,7 +24,6 @@ abstention over unanswerable rows; the unsupported-claim rate over all rows.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import re
@@ -33,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chatbot.errors import DataError
+from chatbot.errors import ChatbotError, DataError
 from chatbot.verification import Verifier, claims, content_tokens, strip_markers
 
 log = logging.getLogger(__name__)
@@ -102,11 +101,6 @@ def load_answer_set(path: Path) -> list[AnswerCase]:
     if not out:
         raise DataError(f"answer dataset {path} has no rows")
     return out
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def fact_present(fact: Sequence[str], reply: str) -> bool:
@@ -295,7 +289,12 @@ async def run_answer_eval(assistant, cases: Sequence[AnswerCase], concurrency: i
 
     async def one(case: AnswerCase) -> RowResult:
         async with sem:
-            r = await run_case(assistant, case)
+            try:
+                r = await run_case(assistant, case)
+            except ChatbotError as exc:  # one refused or failed turn is a wrong answer, not the end of the run
+                log.warning("row %s failed: %s", case.id, exc)
+                r = score_row(case, f"(error: {exc})", [], [], action="error", kind="error")
+                r.correct = False
         if progress is not None:
             progress(r)
         return r
@@ -304,8 +303,11 @@ async def run_answer_eval(assistant, cases: Sequence[AnswerCase], concurrency: i
 
 
 def report(dataset: Path, runs: Sequence[tuple[str, dict, list[RowResult]]], info: dict) -> dict:
-    """The JSON report: dataset path and hash, settings ``info``, and per run its summary and rows."""
+    """The JSON report: dataset path and hash, settings ``info`` (engine, model, adapter, index
+    version, the documents' hash), and per run its summary and rows."""
+    from finetune.data import sha256_file
+
     return {
-        "dataset": str(dataset), "dataset_sha256": file_sha256(dataset), **info,
+        "dataset": str(dataset), "dataset_sha256": sha256_file(dataset), **info,
         "runs": [{"mode": m, "summary": s, "rows": [asdict(r) for r in rows]} for m, s, rows in runs],
     }

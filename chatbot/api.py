@@ -261,6 +261,8 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
                 err = {"error": {"message": str(exc), "type": exc.error_type, "code": None}}
                 yield f"data: {json.dumps(err)}\n\n"
                 return
+            finally:
+                turn.release()  # a client gone before the first delta never started the stream
             yield sse({}, turn.finish_reason, usage=usage(), citations=[c.as_dict() for c in turn.citations],
                       answer=turn.answer_info())
             yield "data: [DONE]\n\n"

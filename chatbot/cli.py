@@ -434,6 +434,8 @@ def cmd_eval_answers(args) -> int:
     if args.json:
         out = report(Path(args.dataset), runs, {
             "engine": info.name, "model": info.model, "adapter": info.adapter_version,
+            "index_version": base.retriever.version if base.retriever is not None else None,
+            "docs_sha256": _docs_hash(args.docs) if args.docs else None,
             "settings": {k: getattr(s, k) for k in (
                 "top_k", "min_score", "retrieval_mode", "verify_min_overlap", "extractive_min_score",
                 "extractive_max_units", "extractive_on_topic", "prompt_max_units", "max_new_tokens", "temperature",
@@ -442,6 +444,19 @@ def cmd_eval_answers(args) -> int:
         })
         _write_json(args.json, out)
     return 0
+
+
+def _docs_hash(paths) -> str:
+    """SHA-256 over the files under ``paths`` (relative name and content hash, sorted)."""
+    import hashlib
+
+    from finetune.data import sha256_file
+
+    files = sorted(f for p in paths for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def _add_eval_answers(sub) -> None:

@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from chatbot.company import COMPANY_FIELDS
+from chatbot.verification import DEFAULT_MIN_OVERLAP
 
 #: Repository root (the folder that holds ``pyproject.toml``).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +111,7 @@ class Settings(BaseSettings):
                     "answer, else an abstention); generate: the engine's raw reply; extractive: passage sentences only.",
     )
     verify_min_overlap: float = Field(
-        default=0.6, gt=0.0, le=1.0,
+        default=DEFAULT_MIN_OVERLAP, gt=0.0, le=1.0,
         description="Verified mode: share of a sentence's content tokens that must occur in one passage sentence.",
     )
     extractive_min_score: float = Field(

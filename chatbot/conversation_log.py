@@ -169,10 +169,15 @@ class ConversationLog:
         return self.write(msg, create=new, channel=channel, customer_ref=customer_ref)
 
     def reply(self, message: Message) -> Message | None:
-        """Redact and store a complete assistant reply (``message.text`` is replaced by its redacted form)."""
+        """Redact and store a complete assistant reply (``message.text`` is replaced by its redacted form,
+        and so are the text and claims of its withheld sentences, which staff see in the console)."""
         red = self.redactor.redact(message.text)
         message.text = red.text
         message.redactions = red.counts or None
+        if message.withheld:
+            message.withheld = [{**w, "text": self.redactor.redact(w.get("text") or "").text,
+                                 "claims": [self.redactor.redact(str(c)).text for c in w.get("claims") or []]}
+                                for w in message.withheld]
         return self.write(message)
 
     def staff_reply(self, conversation_id: str, user_id: int, text: str) -> Message:

@@ -18,12 +18,12 @@ from chatbot.admission import Admission, Ticket
 from chatbot.company import PlaceholderStream
 from chatbot.config import Settings
 from chatbot.engines.base import ChatMessage, Engine, GenerationParams
-from chatbot.errors import InvalidInputError, RequestTimeoutError
+from chatbot.errors import EngineError, InvalidInputError, RequestTimeoutError
 from chatbot.metrics import Metrics
 from chatbot.prompts import BuiltPrompt, build_prompt
 from chatbot.router import RouteDecision, Router
 from chatbot.store import HUMAN_STATUSES, Handoff, Message, Store, ids_as_str
-from chatbot.verification import Evidence, SentenceStream, Verifier, cite, content_tokens, sanitize_passage
+from chatbot.verification import Evidence, SentenceStream, Verifier, cite, content_tokens, covered, sanitize_passage
 from retrieval.documents import Hit
 from retrieval.retriever import Retriever
 
@@ -68,13 +68,13 @@ def retrieval_query(text: str, earlier: Sequence[str], reason: str | None = None
 
     The message alone, unless it depends on the previous one: it answers a slot question
     (``reason == "slot_filled"``), opens like a continuation ("and if ...", "what about ..."),
-    has at most 3 content tokens, or points back with a pronoun ("can I return it?") while
-    having at most 5. Then the previous customer message comes first: ``"<previous> <text>"``.
+    or points back with a pronoun ("can I return it?") while having at most 5 content tokens.
+    Then the previous customer message comes first: ``"<previous> <text>"``.
     """
     if not earlier:
         return text
     n = len(set(content_tokens(text)))
-    if reason == "slot_filled" or _CONTINUATION.search(text) or n <= 3 or (n <= 5 and _ANAPHORA.search(text)):
+    if reason == "slot_filled" or _CONTINUATION.search(text) or (n <= 5 and _ANAPHORA.search(text)):
         return f"{earlier[-1]} {text}"
     return text
 
@@ -165,6 +165,12 @@ class Turn:
     _assistant: "Assistant | None" = field(default=None, repr=False)
     _ticket: Ticket | None = field(default=None, repr=False)
 
+    def release(self) -> None:
+        """Give back the turn's admission place (idempotent). :meth:`stream` does it when it runs;
+        call it when a prepared turn is dropped without being streamed (a client gone before the reply)."""
+        if self._ticket is not None:
+            self._ticket.release()
+
     @property
     def offers_handoff(self) -> bool:
         """True when the reply offers the customer a person: an abstention, or the policy's clarify."""
@@ -190,7 +196,7 @@ class Turn:
         ``[n]``; withheld sentences are kept in :attr:`withheld`. When none is shown the reply
         is extractive (the passage sentences closest to the question, quoted) or, when none
         is close enough, the abstention that offers a person. Joined, the deltas are
-        exactly :attr:`text`, the stored reply.
+        exactly :attr:`text`, the reply that is stored (after PII redaction, as every reply).
 
         Raises:
             RequestTimeoutError: the reply took longer than ``request_timeout_s``.
@@ -277,6 +283,7 @@ class Turn:
                             trusted=list(s.company_fields.values()))
         sentences = SentenceStream()
         shown = 0
+        shown_parts: list[str] = []
         gen = self._generate()
 
         def verdicts(batch: list[str]) -> list[str]:
@@ -289,6 +296,7 @@ class Turn:
                 if v.supported:
                     self._mark(v.unit)
                     out.append(("" if shown == 0 else " ") + cite(sent, v.unit.passage))
+                    shown_parts.append(out[-1])
                     shown += 1
                 else:
                     self.withheld.append({"text": sent.strip(), "reason": v.reason, "claims": v.missing_claims,
@@ -300,15 +308,29 @@ class Turn:
             async for delta in gen:
                 for out in verdicts(sentences.push(delta)):
                     yield out
+        except EngineError:
+            if shown:
+                raise
+            # the passages are known: the customer gets the extractive answer instead of an error
+            log.exception("turn %s: generation failed; answering from the passages", self.request_id)
+            self.finish_reason = "stop"
         finally:
             await gen.aclose()
-        for out in verdicts(sentences.flush()):
+        rest = sentences.flush()
+        if self.finish_reason == "length" and rest:  # the last sentence was cut off by max_tokens: never shown
+            a.metrics.withheld.labels("truncated").inc(len(rest))
+            self.withheld += [{"text": t.strip(), "reason": "truncated", "claims": [], "overlap": 0.0}
+                              for t in rest if t.strip()]
+            rest = []
+        for out in verdicts(rest):
             yield out
         if shown:
-            # the extractive answer's sentences that no shown sentence rests on yet complete the answer:
-            # a verified answer holds every fact the extractive one does (a small model often states one)
-            used = {(c.number, sp) for c in self.citations for sp in c.spans}
-            for u in [u for u in a.extractive_units(self) if (u.passage, (u.start, u.end)) not in used]:
+            # the extractive answer's sentences that the shown text does not already say complete the answer:
+            # a verified answer holds every fact the extractive one does (a small model often states one,
+            # or rests a vaguer sentence on a precise passage sentence)
+            for u in a.extractive_units(self):
+                if covered(u.text, "".join(shown_parts)):
+                    continue
                 self._mark(u)
                 yield " " + cite(u.text, u.passage)
             self.answer_kind = "verified"
@@ -402,8 +424,11 @@ class Assistant:
         ``ask_slot`` return a turn with the policy's fixed reply (no generation); ``answer``
         generates. A ``clarify`` for an out-of-scope / low-confidence message becomes ``answer``
         when retrieval finds a passage scoring at least ``route_grounded_min_score``
-        (:meth:`~chatbot.router.Router.ground`). After a filled ``ask_slot`` the retrieval query
-        is the earlier question plus the slot answer.
+        (:meth:`~chatbot.router.Router.ground`). The retrieval query is the message, or the
+        previous customer message plus it when it depends on that one (:func:`retrieval_query`:
+        a filled slot, a follow-up). In ``verified`` and ``extractive`` mode a turn without
+        passages is the abstention (no generation), and an ``extractive`` turn is answered from
+        the passages without the engine.
 
         Args:
             conversation_id: continue this conversation (history from the store), or None for a new one.
@@ -452,9 +477,12 @@ class Assistant:
         groundable = route is not None and s.route_grounded_min_score is not None and Router.groundable(route)
         needs_search = route is None or (route.action == "answer" and route.reason != "smalltalk") or groundable
         if self.retriever is not None and needs_search:
-            hits = await asyncio.to_thread(self.retriever.search, query, s.top_k, s.min_score)
-            # a document's sentences that address the assistant are an injection, not policy: never prompted
-            hits = [replace(h, text=sanitize_passage(h.text)) for h in hits]
+            def search() -> list[Hit]:
+                # a document's sentences that address the assistant are an injection, not policy: never prompted
+                return [replace(h, text=sanitize_passage(h.text)) for h in self.retriever.search(query, s.top_k,
+                                                                                                  s.min_score)]
+
+            hits = await asyncio.to_thread(search)
             index_version = self.retriever.version
         if route is not None:
             route = Router.ground(route, max((h.score for h in hits), default=None), s.route_grounded_min_score)
@@ -493,6 +521,8 @@ class Assistant:
             s.max_model_len - params.max_tokens,
         )
         prompt.hits = hits[: len(prompt.hits)]  # verified and cited against the whole passages
+        if evidence is not None:  # passages trimmed to fit the budget are neither verified against nor quoted
+            evidence = evidence.within(len(prompt.hits))
         ticket = self.admission.reserve()  # raises TooBusyError (429) when the queue is full
         turn = Turn(
             _ticket=ticket,
@@ -679,7 +709,7 @@ class Assistant:
     def extractive_reply(self, turn: Turn) -> tuple[str, str]:
         """The extractive answer of ``turn``: its :meth:`extractive_units`, quoted verbatim in order of relevance,
         each with its citation [n] (spans marked on :attr:`Turn.citations`); when none is close
-        enough, the abstention that offers a person.
+        enough, the abstention that offers a person (and the turn cites nothing).
 
         Returns:
             ``(text, kind)`` with kind ``extractive`` or ``abstained``.
@@ -687,6 +717,7 @@ class Assistant:
         s = self.settings
         units = self.extractive_units(turn)
         if not units:
+            turn.citations = []  # nothing of the passages is shown: no sources under an abstention
             return s.abstain_message, "abstained"
         for u in units:
             turn._mark(u)

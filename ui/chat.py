@@ -35,7 +35,14 @@ def escape_markdown(text: str) -> str:
     text = text.replace("\\", "\\\\").replace("<", "&lt;").replace(">", "&gt;")
     for ch in "*_`[]!#|~":
         text = text.replace(ch, "\\" + ch)
-    return text.replace("\n", " ")
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def safe_reply(text: str) -> str:
+    """A bot reply for the chat window: its Markdown stays (lists, emphasis), but no image is
+    fetched and no HTML is rendered. Verified and extractive replies quote document text, which
+    may hold ``![x](http://...)`` or tags."""
+    return text.replace("<", "&lt;").replace(">", "&gt;").replace("![", "!\\[")
 
 
 def highlight_spans(passage: str, spans: Sequence, window: int = 80) -> str:
@@ -110,13 +117,13 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
         try:
             async for delta in turn.stream():
                 text += delta
-                history[-1]["content"] = text
+                history[-1]["content"] = safe_reply(text)
                 yield history, conversation_id, "", msg_ids, status, _ref(conversation_id)
         except ChatbotError as exc:
-            history[-1]["content"] = f"{text}\n\nSorry, something went wrong: {exc}"
+            history[-1]["content"] = f"{safe_reply(text)}\n\nSorry, something went wrong: {exc}"
             yield history, conversation_id, "", msg_ids, status, _ref(conversation_id)
             return
-        history[-1]["content"] = (text or "(no answer)") + format_sources(turn.citations)
+        history[-1]["content"] = safe_reply(text or "(no answer)") + format_sources(turn.citations)
         if turn.message_id is not None:
             msg_ids[str(len(history) - 1)] = turn.message_id
         new_status = getattr(turn, "status", "bot") or "bot"

@@ -28,7 +28,7 @@ def three_rows():
         # one fact of two, every content token in the passage, cited gold document
         score_row(shipping, "Standard shipping costs $8.00 [1].", ["Standard shipping costs $8.00 per order."],
                   ["ship.md"], action="answer", latency_ms=100, completion_tokens=10),
-        # an invented duration: the fact is missing and "45" is an unsupported claim; K-Precision 2/3
+        # an invented duration: the fact is missing and "45 days" is an unsupported claim; K-Precision 2/3
         # (content tokens return, 45, day; "you can ... it within" are stop words)
         score_row(returns, "You can return it within 45 days.", ["Returns are accepted within 30 days."],
                   ["other.md"], action="answer", latency_ms=300, completion_tokens=20),
@@ -41,7 +41,7 @@ def test_row_scores():
     a, b, c = three_rows()
     assert (a.facts_found, a.facts_total, a.k_precision, a.unsupported, a.gold_cited, a.correct) == \
         (1, 2, 1.0, [], True, False)
-    assert (b.facts_found, b.k_precision, b.unsupported, b.gold_cited, b.correct) == (0, 2 / 3, ["45"], False, False)
+    assert (b.facts_found, b.k_precision, b.unsupported, b.gold_cited, b.correct) == (0, 2 / 3, ["45 days"], False, False)
     assert (c.abstained, c.correct, c.k_precision) == (True, True, None)
 
 

@@ -66,7 +66,7 @@ def test_an_invented_amount_is_withheld_and_the_supported_sentence_is_shown(tmp_
     assert turn.text == f"Standard shipping costs $8.00 per order [{n}]."
     assert turn.answer_kind == "verified"
     assert turn.withheld == [{"text": "Standard shipping costs 4% of the total price.", "reason": "unsupported_claim",
-                              "claims": ["4"], "overlap": 0.5}]
+                              "claims": ["4%"], "overlap": 0.5}]
     assert a.metrics.withheld.labels("unsupported_claim")._value.get() == 1
     # the sentence-unit stream joins to exactly the stored reply, and the withheld sentence is stored beside it
     stored = a.store.messages(turn.conversation_id)[-1]
@@ -153,8 +153,72 @@ def test_a_follow_up_is_searched_with_the_previous_question(tmp_path, index_dir,
     assert retrieval_query("How much does express shipping cost?", ["How long can guests return items?"]) == \
         "How much does express shipping cost?"
     assert retrieval_query("What about gold?", []) == "What about gold?"
+    assert retrieval_query("Do you ship to Canada?", ["How long can guests return items?"]) == "Do you ship to Canada?"
+    assert retrieval_query("can I return it?", ["I bought a jacket."]) == "I bought a jacket. can I return it?"
     a = make(tmp_path, index_dir, embedder, "Gold members get unlimited returns.")
     t1, _ = run(a, "How long can guest members return items?")
     t2, _ = run(a, "and gold?", t1.conversation_id)
     assert t2.citations[0].doc_id == "returns.md"
     assert t2.text.startswith(f"Gold members get unlimited returns [{t2.citations[0].number}].")
+
+
+def test_nothing_supported_and_no_close_passage_sentence_abstains_and_cites_nothing(tmp_path, index_dir, embedder):
+    a = make(tmp_path, index_dir, embedder, "Express shipping on Sundays costs $50.", extractive_min_score=0.99)
+    turn, _ = run(a, "How much is express shipping on a Sunday?")
+    assert (turn.text, turn.answer_kind, turn.citations) == (a.settings.abstain_message, "abstained", [])
+    assert len(a.engine.prompts) == 1 and turn.withheld[0]["claims"] == ["$50"]
+    stored = a.store.messages(turn.conversation_id)[-1]
+    assert stored.citations == [] and stored.chunk_ids  # the retrieved chunks stay in the log for review
+
+
+def test_a_sentence_cut_off_by_max_tokens_is_withheld(tmp_path, index_dir, embedder):
+    from chatbot.engines.base import GenerationParams
+
+    a = make(tmp_path, index_dir, embedder, "Standard shipping costs $8.00 per order. Express shipping costs $20.00")
+
+    async def go():
+        turn = await a.start_turn(None, "How much does standard shipping cost?", params=GenerationParams(max_tokens=9))
+        return turn, [d async for d in turn.stream()]
+
+    turn, _ = asyncio.run(go())
+    n = by_doc(turn, "shipping.md").number
+    assert turn.finish_reason == "length"
+    assert turn.text == f"Standard shipping costs $8.00 per order [{n}]."
+    assert turn.withheld == [{"text": "Express shipping costs", "reason": "truncated", "claims": [], "overlap": 0.0}]
+
+
+def test_withheld_sentences_are_stored_redacted(tmp_path, index_dir, embedder):
+    a = make(tmp_path, index_dir, embedder,
+             "We will write to jane.doe@example.org today. Standard shipping costs $8.00 per order.")
+    turn, _ = run(a, "How much does standard shipping cost?")
+    assert turn.withheld[0]["claims"] == ["jane.doe@example.org"]  # in memory, for the metrics
+    stored = a.store.messages(turn.conversation_id)[-1]
+    assert "jane.doe" not in str(stored.withheld) and "[EMAIL]" in stored.withheld[0]["text"]
+
+
+def test_an_engine_failure_before_any_sentence_falls_back_to_the_passages(tmp_path, index_dir, embedder):
+    from chatbot.errors import EngineError
+
+    class Failing(ScriptedEngine):
+        async def stream(self, messages, params, request_id):
+            raise EngineError("engine crashed")
+            yield  # pragma: no cover
+
+    a = make(tmp_path, index_dir, embedder, "unused")
+    a.engine = Failing()
+    turn, _ = run(a, "Do gold members have a limit on returns?")
+    assert turn.answer_kind == "extractive" and turn.text.startswith("Gold members get unlimited returns [")
+    assert a.admission.running == 0 and a.admission.queued == 0
+
+
+def test_a_prepared_turn_dropped_before_streaming_gives_its_place_back(tmp_path, index_dir, embedder):
+    a = make(tmp_path, index_dir, embedder, "Gold members get unlimited returns.")
+
+    async def go():
+        turn = await a.start_turn(None, "Do gold members have a limit on returns?")
+        assert a.admission.queued == 1
+        turn.release()
+        turn.release()  # idempotent
+        return a.admission.queued
+
+    assert asyncio.run(go()) == 0
