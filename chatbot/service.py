@@ -59,24 +59,26 @@ def clean_message(text: object, max_chars: int) -> str:
 
 #: a message that opens with one of these continues the previous question ("and if I'm a gold member?")
 _CONTINUATION = re.compile(r"^\W*(and|or|but|also|so|then|what about|how about|what if|same for|even)\b", re.I)
-#: pronouns that point back into the conversation
-_ANAPHORA = re.compile(r"\b(it|its|that|this|they|them|those|these|there|one|ones)\b", re.I)
 
 
-def retrieval_query(text: str, earlier: Sequence[str], reason: str | None = None) -> str:
-    """The retrieval query for ``text`` given the conversation's earlier customer messages.
+def retrieval_queries(text: str, earlier: Sequence[str], reason: str | None = None) -> list[str]:
+    """The retrieval queries to try for ``text`` given the conversation's earlier customer messages.
 
-    The message alone, unless it depends on the previous one: it answers a slot question
-    (``reason == "slot_filled"``), opens like a continuation ("and if ...", "what about ..."),
-    or points back with a pronoun ("can I return it?") while having at most 5 content tokens.
-    Then the previous customer message comes first: ``"<previous> <text>"``.
+    ``[text]`` for a self-contained message; ``["<previous> <text>"]`` when it answers a slot
+    question (``reason == "slot_filled"``); both, ``[text, "<previous> <text>"]``, when it may
+    depend on the previous message: it opens like a continuation ("and if ...", "what about ...")
+    or has at most 5 content tokens ("can I return it?", "what about gold members?"). The caller
+    searches every query and keeps the passages of the one whose best passage scores highest,
+    so a short question that stands alone is not pulled back to the previous topic.
     """
     if not earlier:
-        return text
-    n = len(set(content_tokens(text)))
-    if reason == "slot_filled" or _CONTINUATION.search(text) or (n <= 5 and _ANAPHORA.search(text)):
-        return f"{earlier[-1]} {text}"
-    return text
+        return [text]
+    combined = f"{earlier[-1]} {text}"
+    if reason == "slot_filled":
+        return [combined]
+    if _CONTINUATION.search(text) or len(set(content_tokens(text))) <= 5:
+        return [text, combined]
+    return [text]
 
 
 @dataclass
@@ -425,8 +427,8 @@ class Assistant:
         generates. A ``clarify`` for an out-of-scope / low-confidence message becomes ``answer``
         when retrieval finds a passage scoring at least ``route_grounded_min_score``
         (:meth:`~chatbot.router.Router.ground`). The retrieval query is the message, or the
-        previous customer message plus it when it depends on that one (:func:`retrieval_query`:
-        a filled slot, a follow-up). In ``verified`` and ``extractive`` mode a turn without
+        previous customer message plus it when it depends on that one (:func:`retrieval_queries`:
+        a filled slot; for a possible follow-up both are searched and the better-scoring one kept). In ``verified`` and ``extractive`` mode a turn without
         passages is the abstention (no generation), and an ``extractive`` turn is answered from
         the passages without the engine.
 
@@ -471,18 +473,20 @@ class Assistant:
         mode = s.answer_mode
         earlier = [r.text for r in rows if r.role == "user"] if conversation_id is not None else [
             m.content for m in history if m.role == "user"]
-        query = retrieval_query(user_text, earlier, route.reason if route is not None else None)
+        queries = retrieval_queries(user_text, earlier, route.reason if route is not None else None)
+        query = queries[0]
         # the passages serve an answer, or the grounding check of an out-of-scope / low-confidence
         # decision (Router.ground); a person request, a complaint, a slot question or smalltalk needs none
         groundable = route is not None and s.route_grounded_min_score is not None and Router.groundable(route)
         needs_search = route is None or (route.action == "answer" and route.reason != "smalltalk") or groundable
         if self.retriever is not None and needs_search:
-            def search() -> list[Hit]:
+            def search() -> tuple[str, list[Hit]]:
+                results = self.retriever.search_batch(queries, s.top_k, s.min_score)
+                best = max(range(len(queries)), key=lambda i: results[i][0].score if results[i] else -1.0)
                 # a document's sentences that address the assistant are an injection, not policy: never prompted
-                return [replace(h, text=sanitize_passage(h.text)) for h in self.retriever.search(query, s.top_k,
-                                                                                                  s.min_score)]
+                return queries[best], [replace(h, text=sanitize_passage(h.text)) for h in results[best]]
 
-            hits = await asyncio.to_thread(search)
+            query, hits = await asyncio.to_thread(search)
             index_version = self.retriever.version
         if route is not None:
             route = Router.ground(route, max((h.score for h in hits), default=None), s.route_grounded_min_score)

@@ -54,9 +54,10 @@ class FixedRetriever:
         self.score = score
         self.queries: list[str] = []
 
-    def search(self, query, k, min_score=None):
-        self.queries.append(query)
-        return [Hit(7, "shipping.md", "Shipping", "kb/shipping.md", "Orders ship in 2 days.", self.score)]
+    def search_batch(self, queries, k, min_score=None):
+        self.queries.extend(queries)
+        return [[Hit(7, "shipping.md", "Shipping", "kb/shipping.md", "Orders ship in 2 days.", self.score)]
+                for _ in queries]
 
 
 def test_missing_slot_is_asked_for_then_answered_with_the_earlier_question(tmp_path):

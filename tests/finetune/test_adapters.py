@@ -74,7 +74,10 @@ def test_signoff_adapter_changes_the_transformers_reply_without_restart(signoff_
     from chatbot.service import Assistant
     from chatbot.store import Store
 
-    settings = Settings(model=signoff_adapter["base"], data_dir=tmp_path, max_new_tokens=20)
+    # generate mode: the adapter's effect is the raw reply (with no documents to verify against, the
+    # verified default abstains whatever the model says)
+    settings = Settings(model=signoff_adapter["base"], data_dir=tmp_path, max_new_tokens=20,
+                        answer_mode="generate")
     a = Assistant(settings, engine, None, Store(settings.resolved_database_url))
     reg = settings.resolved_adapters_dir / "signoff"
     shutil.copytree(signoff_adapter["path"], reg)
