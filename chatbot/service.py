@@ -23,7 +23,8 @@ from chatbot.metrics import Metrics
 from chatbot.prompts import BuiltPrompt, build_prompt
 from chatbot.router import RouteDecision, Router
 from chatbot.store import HUMAN_STATUSES, Handoff, Message, Store, ids_as_str
-from chatbot.verification import Evidence, SentenceStream, Verifier, cite, content_tokens, covered, sanitize_passage
+from chatbot.verification import (Evidence, SentenceStream, Verifier, cite, content_tokens, covered, sanitize_passage,
+                                  strip_markers)
 from retrieval.documents import Hit
 from retrieval.retriever import Retriever
 
@@ -295,6 +296,8 @@ class Turn:
                 if not sent.strip():
                     continue
                 v = verifier.check(sent)
+                if v.supported and shown and covered(strip_markers(sent), "".join(shown_parts)):
+                    v = replace(v, supported=False, reason="repetition")  # already said: said once
                 if v.supported:
                     self._mark(v.unit)
                     out.append(("" if shown == 0 else " ") + cite(sent, v.unit.passage))

@@ -74,6 +74,16 @@ def test_an_invented_amount_is_withheld_and_the_supported_sentence_is_shown(tmp_
     assert (stored.answer_kind, stored.withheld) == ("verified", turn.withheld)
 
 
+def test_a_supported_sentence_said_twice_is_shown_once(tmp_path, index_dir, embedder):
+    a = make(tmp_path, index_dir, embedder,
+             "Gold members get unlimited returns. Yes, gold members get unlimited returns!")
+    turn, _ = run(a, "Do gold members have a limit on returns?")
+    n = by_doc(turn, "returns.md").number
+    assert turn.text == f"Gold members get unlimited returns [{n}]."
+    assert [(w["text"], w["reason"]) for w in turn.withheld] == [
+        ("Yes, gold members get unlimited returns!", "repetition")]
+
+
 def test_a_verified_answer_is_completed_with_the_extractive_sentences_it_does_not_quote(
         tmp_path, index_dir, embedder):
     a = make(tmp_path, index_dir, embedder, "Gold members get unlimited returns.")
