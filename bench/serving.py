@@ -11,8 +11,8 @@ Bitext customer-support set (streamed; TTFT is the first content chunk).
 
 Answer modes (``--answer-modes``): each server system runs once per mode, named ``<system>/<mode>``:
 ``generate`` (the engine's raw reply), ``verified`` (each sentence checked against the passages,
-the served default) and ``verified-focused`` (verified, with only the ``--focus-units`` passage
-sentences closest to the question in the prompt: shorter prefill). The latency ratios of each
+whole chunks in the prompt) and ``verified-focused`` (verified, with only the ``--focus-units`` passage
+sentences closest to the question in the prompt: shorter prefill; the served default, 6 units). The latency ratios of each
 mode to ``generate`` are printed per N (issue #11's target: verified within 1.15x at N=16).
 
 Printed: tokens/s, requests/s, TTFT p50/p95, latency p50/p95, failures, the CPU seconds
@@ -230,7 +230,8 @@ def main() -> int:
         if system.startswith("server-"):
             name, mode = system.split("/")
             engine = "vllm" if name == "server-vllm" else "transformers"
-            mode_env = {"PROMPT_MAX_UNITS": str(args.focus_units)} if mode == "verified-focused" else {}
+            # verified: whole chunks in the prompt; verified-focused (the served default): the closest units
+            mode_env = {"PROMPT_MAX_UNITS": str(args.focus_units) if mode == "verified-focused" else "0"}
             server = start_server(tmp / system.replace("/", "-"), kb, engine,
                                   answer_mode=mode.removesuffix("-focused"), **{**env, **mode_env})
             try:
