@@ -163,6 +163,8 @@ class Turn:
     answer_kind: str | None = None
     #: generated sentences verification withheld: ``[{"text", "reason", "claims", "overlap"}]``
     withheld: list[dict] = field(default_factory=list)
+    #: the retrieval query: the customer's message, with the previous one for a follow-up
+    question: str = ""
     #: the question's passage units scored against it (verified / extractive modes)
     evidence: Evidence | None = field(default=None, repr=False)
     _assistant: "Assistant | None" = field(default=None, repr=False)
@@ -283,7 +285,7 @@ class Turn:
         a = self._assistant
         s = a.settings
         verifier = Verifier([h.text for h in self.prompt.hits], s.verify_min_overlap,
-                            trusted=list(s.company_fields.values()))
+                            trusted=list(s.company_fields.values()), question=self.question)
         sentences = SentenceStream()
         shown = 0
         shown_parts: list[str] = []
@@ -544,6 +546,7 @@ class Assistant:
             channel=channel,
             route=route,
             mode=mode,
+            question=query,
             evidence=evidence,
             _assistant=self,
         )
@@ -640,7 +643,7 @@ class Assistant:
             prompt=BuiltPrompt(messages=[], hits=[], history_kept=0, prompt_tokens=0),
             params=GenerationParams(max_tokens=1), citations=[], index_version=None, channel=channel,
             held=True, status=status, user_message_id=stored.id if stored is not None else None, route=route,
-            _assistant=self,
+            mode=self.settings.answer_mode, _assistant=self,
         )
 
     async def request_handoff(self, conversation_id: str | None, reason: str, queue: str = "default",

@@ -281,7 +281,7 @@ class Support:
             from: "Express shipping costs $8.00" where $8.00 is standard shipping), ``negation_mismatch``
             (one side negated: "There is parking" against "There is no parking"), ``low_overlap``, ``no_content`` (fewer than
             :data:`MIN_SENTENCE_TOKENS` content tokens, or none that is a word: "4.", "Sure!") or
-            ``repetition`` (a degenerate loop: 12+ content tokens, under 30% of them distinct; the
+            ``echo`` (only the customer's own words), ``repetition`` (a degenerate loop: 12+ content tokens, under 30% of them distinct; the
             service also withholds a supported sentence the answer has already said).
     """
 
@@ -301,16 +301,20 @@ class Verifier:
         trusted: other texts whose claims count as supported (the company's configured phone,
             e-mail address and website, which a fine-tuned reply writes as ``[[field]]`` markers).
         language: language code for sentence splitting.
+        question: the customer's question; a sentence whose every content token is the
+            customer's own ("You're a gold member." after "and if I'm a gold member?") states
+            nothing the passages say, however well it overlaps one (reason ``echo``).
 
     Raises:
         ValueError: ``min_overlap`` outside (0, 1].
     """
 
     def __init__(self, passages: Sequence[str], min_overlap: float = DEFAULT_MIN_OVERLAP,
-                 trusted: Sequence[str] = (), language: str = "en") -> None:
+                 trusted: Sequence[str] = (), language: str = "en", question: str = "") -> None:
         if not 0.0 < min_overlap <= 1.0:
             raise ValueError(f"min_overlap must be in (0, 1], got {min_overlap}")
         self.min_overlap = min_overlap
+        self._question = set(content_tokens(question))
         self.passages = list(passages)
         self.units = [u for i, p in enumerate(self.passages, 1) for u in passage_units(i, p, language)
                       if not is_instruction(u.text)]
@@ -337,6 +341,8 @@ class Verifier:
         missing = self.unsupported_claims(sentence)
         if len(tokens) < MIN_SENTENCE_TOKENS or not any(t.isalpha() for t in tokens):
             return Support(False, None, 0.0, missing, "no_content")
+        if tokens <= self._question and not missing:
+            return Support(False, None, 0.0, [], "echo")
         own = [c for c in claims(sentence) if not any(c.matches(k) for k in self._trusted)]
         negated = bool(tokens & _NEGATIONS)
         best, best_overlap, any_best, any_overlap = None, 0.0, None, 0.0
@@ -489,10 +495,12 @@ def covered(unit_text: str, shown: str, min_share: float = 0.8) -> bool:
 
 
 def cite(sentence: str, number: int) -> str:
-    """``sentence`` (stripped, its own markers removed) ending with the citation ``[number]``
-    before its final punctuation is kept: ``"Costs $8.00 [1]."``."""
-    s = strip_markers(sentence).strip()
+    """``sentence`` (stripped, its own markers and a leading list marker removed) ending with the
+    citation ``[number]`` before its final punctuation: ``"Costs $8.00 [1]."``. A sentence without
+    final punctuation (a list item, a line ending in ``:``) ends with a full stop, so quotes joined
+    with a space read as sentences: ``"- Click on [Update Order]"`` -> ``"Click on [Update Order] [1]."``."""
+    s = _LIST_MARKER.sub("", strip_markers(sentence), count=1).strip()
     m = re.search(r"[.!?\u3002\uff01\uff1f]+$", s)
     if m:
         return f"{s[: m.start()]} [{number}]{s[m.start():]}"
-    return f"{s} [{number}]"
+    return f"{s.rstrip(':;,').rstrip()} [{number}]."

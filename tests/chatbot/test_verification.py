@@ -131,7 +131,9 @@ def test_content_tokens_keep_negations_and_quantifiers():
 
 def test_cite_puts_the_marker_before_the_final_punctuation_and_drops_the_models_own():
     assert cite("Standard shipping costs $8.00 [3].", 1) == "Standard shipping costs $8.00 [1]."
-    assert cite("Gold members get unlimited returns", 2) == "Gold members get unlimited returns [2]"
+    # a list item or a line ending in ":" reads as a sentence once quoted
+    assert cite("- Gold members get unlimited returns", 2) == "Gold members get unlimited returns [2]."
+    assert cite("1. Ask the customer how they want the refund:", 2) == "Ask the customer how they want the refund [2]."
     assert strip_markers("a [1, 2] b [3]") == "a b"
 
 
@@ -205,3 +207,12 @@ def test_evidence_focus_keeps_the_best_units_and_each_passages_own_best():
     focused = ev.focus(hits, 2)
     assert [h.text for h in focused] == ["One fact here.\nThree fact here.", "Five fact here."]
     assert [u.text for u in ev.within(1).units] == ["One fact here.", "Two fact here.", "Three fact here."]
+
+
+def test_a_sentence_of_only_the_customers_words_is_an_echo():
+    v = Verifier(PASSAGES, question="I checked out as a guest. and if I'm a gold member?")
+    assert (v.check("You're a gold member.").supported, v.check("You're a gold member.").reason) == (False, "echo")
+    assert v.check("Gold members get unlimited returns.").supported  # adds the passage's "unlimited returns"
+    # without the question the same sentence overlaps the returns sentence fully and would be shown
+    assert Verifier(PASSAGES).check("You're a gold member.").supported
+
