@@ -11,9 +11,9 @@ Bitext customer-support set (streamed; TTFT is the first content chunk).
 
 Answer modes (``--answer-modes``): each server system runs once per mode, named ``<system>/<mode>``:
 ``generate`` (the engine's raw reply), ``verified`` (each sentence checked against the passages,
-whole chunks in the prompt) and ``verified-focused`` (verified, with only the ``--focus-units`` passage
-sentences closest to the question in the prompt: shorter prefill; the served default, 6 units). The latency ratios of each
-mode to ``generate`` are printed per N (issue #11's target: verified within 1.15x at N=16).
+whole chunks in the prompt) and ``verified-focused`` (verified, with only the ``--focus-units``
+passage sentences closest to the question in the prompt: shorter prefill; the served default, 6
+units). The latency ratios of each mode to ``generate`` are printed per N (issue #11's target: verified within 1.15x at N=16).
 
 Printed: tokens/s, requests/s, TTFT p50/p95, latency p50/p95, failures, the CPU seconds
 of this process during the run (servers: the HTTP client, on the same cores as the server;

@@ -433,7 +433,8 @@ class Assistant:
         when retrieval finds a passage scoring at least ``route_grounded_min_score``
         (:meth:`~chatbot.router.Router.ground`). The retrieval query is the message, or the
         previous customer message plus it when it depends on that one (:func:`retrieval_queries`:
-        a filled slot; for a possible follow-up both are searched and the better-scoring one kept). In ``verified`` and ``extractive`` mode a turn without
+        a filled slot; for a possible follow-up both are searched and the better-scoring one kept).
+        In ``verified`` and ``extractive`` mode a turn without
         passages is the abstention (no generation), and an ``extractive`` turn is answered from
         the passages without the engine.
 

@@ -279,10 +279,11 @@ class Support:
         reason: ``supported``, ``unsupported_claim`` (no passage states one of its claims),
             ``claim_elsewhere`` (its claims are stated, but not by the passage sentence its words come
             from: "Express shipping costs $8.00" where $8.00 is standard shipping), ``negation_mismatch``
-            (one side negated: "There is parking" against "There is no parking"), ``low_overlap``, ``no_content`` (fewer than
-            :data:`MIN_SENTENCE_TOKENS` content tokens, or none that is a word: "4.", "Sure!") or
-            ``echo`` (only the customer's own words), ``repetition`` (a degenerate loop: 12+ content tokens, under 30% of them distinct; the
-            service also withholds a supported sentence the answer has already said).
+            (one side negated: "There is parking" against "There is no parking"), ``low_overlap``,
+            ``no_content`` (fewer than :data:`MIN_SENTENCE_TOKENS` content tokens, or none that is a
+            word: "4.", "Sure!"), ``echo`` (only the customer's own words) or ``repetition`` (a
+            degenerate loop: 12+ content tokens, under 30% of them distinct; the service also
+            withholds a supported sentence the answer has already said).
     """
 
     supported: bool
