@@ -6,6 +6,13 @@ replaced; with ``sync=True`` documents that were ingested from the same root but
 are gone from it are removed. Vectors of unchanged chunks are copied from the
 current version instead of being embedded again.
 
+Each document's manifest entry records the ``chunker_version`` that cut it
+(:data:`retrieval.chunking.CHUNKER_VERSION`; entries without one are version 1). A
+document cut by an older chunker is re-chunked the next time it is ingested, even
+when its file is unchanged (reported as updated); its chunks whose text did not
+change keep their ids and vectors, so only text the new rules cut differently
+(such as long Chinese or Japanese paragraphs) is embedded again.
+
 Every change builds a whole new index (flat or HNSW by size, see
 :mod:`retrieval.index`) and publishes it as a new version beside the old one; the
 ``CURRENT`` pointer is swapped atomically, and a running :class:`~retrieval.retriever.Retriever`
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.chunking import chunk_document
+from retrieval.chunking import CHUNKER_VERSION, chunk_document
 from retrieval.documents import Chunk, Document
 from retrieval.embedder import Embedder
 from retrieval.index import IndexOptions, VectorIndex, load_version, publish_version
@@ -198,7 +205,7 @@ def ingest_documents(
         root = doc.metadata.get("root")
         entry = {"sha256": doc.sha256, "title": doc.title, "source": doc.source, "root": root}
         prev = old_docs.get(doc.doc_id)
-        if prev is not None and prev.get("sha256") == doc.sha256:
+        if prev is not None and prev.get("sha256") == doc.sha256 and prev.get("chunker_version", 1) == CHUNKER_VERSION:
             ids = prev.get("chunk_ids", [])
             if all(i in old_chunks for i in ids):
                 keep_chunks.extend(old_chunks[i] for i in ids)
@@ -206,8 +213,11 @@ def ingest_documents(
                 report.unchanged.append(doc.doc_id)
                 continue
         check_embedder()
+        if prev is not None and prev.get("sha256") == doc.sha256:
+            log.info("%s: re-chunked (cut by chunker version %s, now %s)", doc.doc_id,
+                     prev.get("chunker_version", 1), CHUNKER_VERSION)
         chunks = chunk_document(doc, embedder.count_tokens, chunk_tokens, overlap_tokens)
-        new_docs[doc.doc_id] = {**entry, "chunk_ids": [c.chunk_id for c in chunks]}
+        new_docs[doc.doc_id] = {**entry, "chunker_version": CHUNKER_VERSION, "chunk_ids": [c.chunk_id for c in chunks]}
         (report.updated if prev is not None else report.added).append(doc.doc_id)
         fresh_chunks.extend(chunks)
     for doc_id, prev in old_docs.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
@@ -155,3 +156,77 @@ def test_heading_lines_stay_in_the_text():
     chunks = chunk_document(_doc(SHELL_DOC), words, 200, 32)
     joined = "\n".join(c.text for c in chunks)
     assert re.search(r"^## Install$", joined, re.M) and re.search(r"^## Support$", joined, re.M)
+
+
+# --- Chinese and Japanese (issue 13, item 3)
+
+
+def _assert_covers_chars(doc_text: str, chunks) -> None:
+    """Chunks are exact substrings that tile the document in order: each starts after the previous one's start and
+    no later than where the covered prefix ends (plus whitespace), and the last reaches the end (the document must
+    not repeat itself, so the alignment is unique)."""
+
+    def skip_ws(p: int) -> int:
+        while p < len(doc_text) and doc_text[p].isspace():
+            p += 1
+        return p
+
+    covered, prev = 0, -1
+    for c in chunks:
+        starts = [q for q in range(prev + 1, skip_ws(covered) + 1) if doc_text.startswith(c.text, q)]
+        assert starts, f"chunk {c.position} does not continue the text at offset {covered}: {c.text[:30]!r}"
+        prev = starts[-1]
+        covered = max(covered, prev + len(c.text))
+    assert skip_ws(covered) == len(doc_text), f"text after offset {covered} is in no chunk"
+
+
+@pytest.mark.parametrize("punctuated", [True, False], ids=["with-full-stops", "no-boundary"])
+def test_3000_char_chinese_paragraph_is_cut_within_the_embedder_limit(embedder, punctuated):
+    from tests.retrieval.cjk_data import long_chinese_paragraph
+
+    text = long_chinese_paragraph(punctuated)
+    assert len(text) == 3000 and " " not in text and embedder.count_tokens(text) > 2800  # the issue's input
+    chunks = chunk_document(_doc(text, doc_id="zh.md"), embedder.count_tokens, chunk_tokens=200, overlap_tokens=32)
+    counts = [embedder.count_tokens(c.text) for c in chunks]
+    assert len(chunks) >= 15  # ~2,870 tokens / 200 per chunk
+    assert max(counts) <= 200 <= embedder.max_seq_length - 2
+    _assert_covers_chars(text, chunks)
+    assert all(" " not in c.text for c in chunks)  # no spaces invented between CJK sentences
+    if punctuated:  # cut at 。, never inside a sentence
+        assert all(c.text.endswith("。") for c in chunks[:-1])
+    else:  # token-bounded cuts overlap by at most overlap_tokens
+        for a, b in zip(chunks, chunks[1:]):
+            shared = next(n for n in range(min(len(a.text), len(b.text)), -1, -1) if a.text.endswith(b.text[:n]))
+            assert shared > 0 and embedder.count_tokens(b.text[:shared]) <= 32
+
+
+def test_cjk_sentence_ends_need_no_space_and_keep_their_closing_quote():
+    text = "返品は30日以内です。到着後にご連絡ください！彼は「はい。」と言いました。送料は無料ですか？はい；無料です。"
+    chunks = chunk_document(_doc(text, fmt="text"), len, chunk_tokens=16, overlap_tokens=0)
+    # sentences: 返品は30日以内です。| 到着後にご連絡ください！| 彼は「はい。」| と言いました。| 送料は無料ですか？| はい；| 無料です。
+    # packed greedily into pieces of <= 16 characters
+    assert [c.text for c in chunks] == [
+        "返品は30日以内です。", "到着後にご連絡ください！", "彼は「はい。」と言いました。", "送料は無料ですか？はい；", "無料です。",
+    ]
+
+
+def test_mixed_latin_and_cjk_document_is_bounded_and_keeps_latin_sentences(embedder):
+    from tests.retrieval.cjk_data import long_chinese_paragraph
+
+    english = " ".join(f"Customers may return item {i} within thirty days." for i in range(60))
+    japanese = "".join(f"返品は{i}日以内です。" for i in range(80))
+    text = f"# Returns\n\n{english}\n\n## 退货\n\n{long_chinese_paragraph(False, 1200)}\n\n## 返品\n\n{japanese}\n"
+    chunks = chunk_document(_doc(text), embedder.count_tokens, chunk_tokens=64, overlap_tokens=16)
+    assert max(embedder.count_tokens(c.text) for c in chunks) <= 64
+    _assert_covers_chars(text, chunks)
+    latin = [c.text for c in chunks if c.headings == ["Returns"]]
+    assert len(latin) >= 6 and all(t.endswith("days.") for t in latin[1:]), latin  # still cut at sentence ends
+    assert {tuple(c.headings) for c in chunks} == {("Returns",), ("Returns", "退货"), ("Returns", "返品")}
+
+
+def test_a_word_longer_than_the_bound_is_cut_by_tokens():
+    url = "https://example.com/" + "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(5))  # no space
+    text = f"See {url} for details."
+    chunks = chunk_document(_doc(text, fmt="text"), len, chunk_tokens=40, overlap_tokens=8)
+    assert len(chunks) >= 8 and max(len(c.text) for c in chunks) <= 40
+    _assert_covers_chars(text, chunks)

@@ -187,3 +187,30 @@ def test_cli_ingest_prints_skips_and_summary(tmp_path, monkeypatch, capsys):
                         r"(\d+) chunks \(\1 embedded\); 2 files skipped", out[-1]), out[-1]
     assert main(["ingest", str(kb)]) == 0
     assert "(unchanged): 0 added, 0 updated, 0 removed, 3 unchanged" in capsys.readouterr().out
+
+
+def test_index_cut_by_an_older_chunker_is_rechunked_keeping_unchanged_vectors(tmp_path, embedder):
+    """Documents of an index made before chunker version 2 are re-chunked on the next ingest, even unchanged."""
+    from retrieval.chunking import CHUNKER_VERSION
+
+    kb = _write_kb(tmp_path / "kb")
+    (kb / "zh.md").write_text("# 退货\n\n" + "收到商品后三十天内可以申请退货。" * 40 + "\n", encoding="utf-8")
+    first = ingest([kb], tmp_path / "index", embedder, chunk_tokens=64, overlap_tokens=8)
+    assert CHUNKER_VERSION == 2 and first.published
+    v = load_version(tmp_path / "index")
+    assert {e["chunker_version"] for e in v.manifest["documents"].values()} == {2}
+    zh_chunks = [c for c in v.chunks.values() if c.doc_id == "zh.md"]
+    assert len(zh_chunks) >= 5 and max(embedder.count_tokens(c.text) for c in zh_chunks) <= 64
+    # make it look like an index of chunker version 1 (no chunker_version in the document entries)
+    mpath = v.path / "manifest.json"
+    m = json.loads(mpath.read_text())
+    for e in m["documents"].values():
+        del e["chunker_version"]
+    mpath.write_text(json.dumps(m))
+    second = ingest([kb], tmp_path / "index", embedder, chunk_tokens=64, overlap_tokens=8)
+    assert second.published and sorted(second.updated) == sorted([*DOCS, "zh.md"]) and second.unchanged == []
+    assert second.chunks_embedded == 0  # the same text gives the same chunk ids: vectors are copied
+    v2 = load_version(tmp_path / "index")
+    assert {e["chunker_version"] for e in v2.manifest["documents"].values()} == {2}
+    third = ingest([kb], tmp_path / "index", embedder, chunk_tokens=64, overlap_tokens=8)
+    assert not third.published and len(third.unchanged) == 4

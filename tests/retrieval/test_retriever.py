@@ -170,3 +170,26 @@ def test_bm25_index_edge_cases():
     assert b.search("the of", 2) == []
     with pytest.raises(ValueError, match="ids and texts differ in length: 1 vs 2"):
         BM25Index([1], ["a", "b"])
+
+
+def test_chinese_japanese_and_mixed_queries_through_an_ingested_index(tmp_path, embedder):
+    """Issue 13 item 3 end to end: ingest (chunking), the index version's BM25, and hybrid fusion."""
+    from tests.retrieval.cjk_data import long_chinese_paragraph
+
+    docs = [
+        Document("poem", "静夜思", "kb/poem.md", "床前明月光，疑是地上霜。举头望明月，低头思故乡。", format="text"),
+        Document("returns-ja", "返品", "kb/returns-ja.md", "返品は30日以内です", format="text"),
+        Document("app", "App", "kb/app.md", "在 App Store 搜索 ShopMate 即可下载我们的App。", format="text"),
+        Document("policy-zh", "政策", "kb/policy-zh.md", long_chinese_paragraph(False), format="text"),
+        *[Document(k, t, f"kb/{k}.md", text, format="text") for k, (t, text) in FACTS.items()],
+    ]
+    ingest_documents(docs, tmp_path / "index", embedder, 200, 32)
+    r = Retriever(tmp_path / "index", embedder, _settings(tmp_path))
+    for mode in ("bm25", "hybrid"):
+        assert r.search("故乡", 3, mode=mode)[0].doc_id == "poem"
+        assert r.search("返品", 3, mode=mode)[0].doc_id == "returns-ja"
+        assert r.search("ShopMate下载", 3, mode=mode)[0].doc_id == "app"
+        assert r.search("refund to my card", 3, mode=mode)[0].doc_id == "refunds"
+    # the end of the 3,000-character paragraph was embedded and indexed too, not cut off at 256 tokens
+    tail_hits = r.search("第117条", 3, mode="bm25")
+    assert tail_hits and tail_hits[0].doc_id == "policy-zh" and "第117条" in tail_hits[0].text
