@@ -115,18 +115,24 @@ def _hard_cut(text: str, start: int, end: int, size: int, overlap: int,
               count: Callable[[str], int]) -> list[tuple[int, int]]:
     """Cut ``text[start:end]`` (no usable boundary) into spans of <= size tokens overlapping by <= overlap tokens.
 
-    Each span is the longest prefix within ``size`` (binary search over character offsets; a span is only
-    accepted when its count is within ``size``, so the bound holds even where counts are not monotone),
+    Each span is the longest prefix within ``size`` (galloping, then binary search over character offsets; a span
+    is only accepted when its count is within ``size``, so the bound holds even where counts are not monotone),
     shortened to end after the last soft break in its second half when there is one.
     """
     out: list[tuple[int, int]] = []
     pos = start
     while pos < end:
-        if count(text[pos:end]) <= size:
+        # gallop: double the window from 4 characters per token until it no longer fits (or reaches the end), so
+        # each span costs O(its own length), not O(the rest of the run)
+        lo, hi = pos + 1, min(end, pos + 4 * size)  # lo: known (or forced) to fit
+        while count(text[pos:hi]) <= size:
+            if hi == end:
+                break
+            lo, hi = hi, min(end, pos + 2 * (hi - pos))
+        if hi == end and count(text[pos:end]) <= size:
             out.append((pos, end))
             break
-        lo, hi = pos + 1, end  # lo: a length known (or forced) to fit; hi: the end, known not to fit
-        while hi - lo > 1:
+        while hi - lo > 1:  # hi: known not to fit
             mid = (lo + hi) // 2
             if count(text[pos:mid]) <= size:
                 lo = mid
