@@ -9,11 +9,14 @@ the client sends each request to one or the other, as a load balancer without se
 * a handoff asked for on one silences the bot on the other; a staff member logged in on one takes it
   there, and the reply reaches the customer polling the other;
 * an adapter promoted on one server's operator page is served by both;
-* a document uploaded and re-indexed on one server's operator page is cited by both.
+* a document uploaded and re-indexed on one server's operator page is cited by both;
+* a customer asking for a person on both servers at the same moment opens one handoff, not two (store level,
+  two connection pools standing in for the two processes; no model needed).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -23,7 +26,7 @@ from chatbot.service import HANDOFF_NOTICE
 from chatbot.testing import start_server, stop_server
 from tests.chatbot.pg import SKIP_REASON, postgres_server_url, temp_database
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = pytest.mark.postgres
 
 ADMIN_PASSWORD = "scale-out-admin-pw"
 SIGN_OFF = "Cheers, the Quokka crew"
@@ -101,6 +104,7 @@ def operator_page(server, token: str):
                   download_files=False, analytics_enabled=False)
 
 
+@pytest.mark.slow
 def test_turns_sent_alternately_to_both_are_stored_once_each_in_order(servers, store):
     a, b = servers
     texts = ["How do I return an item in the wrong size?", "And if the color is wrong?",
@@ -126,6 +130,7 @@ def test_turns_sent_alternately_to_both_are_stored_once_each_in_order(servers, s
     assert seen[0] == seen[1] and [m["id"] for m in seen[0]] == [r.id for r in rows]
 
 
+@pytest.mark.slow
 def test_handoff_on_one_silences_the_bot_on_the_other_and_staff_replies_cross(servers, token, store):
     a, b = servers
     first = chat(a, "How do I reset my password?")
@@ -185,6 +190,7 @@ def signoff_adapter(servers, chat_model_path):
     return res.manifest["version"]
 
 
+@pytest.mark.slow
 def test_adapter_promoted_on_one_goes_live_on_both(servers, token, store, signoff_adapter):
     a, b = servers
     question = "My order never arrived, can you check?"
@@ -205,6 +211,7 @@ def test_adapter_promoted_on_one_goes_live_on_both(servers, token, store, signof
         assert served == [signoff_adapter]
 
 
+@pytest.mark.slow
 def test_index_published_by_one_is_served_by_both(servers, token, tmp_path):
     a, b = servers
     question = "Does a gift card expire?"
@@ -237,3 +244,50 @@ def test_index_published_by_one_is_served_by_both(servers, token, tmp_path):
         titles = cited(s)
         assert titles and titles[0] == "Gift cards", (titles, s.log())
         assert httpx.get(s.url + "/healthz", timeout=30).json()["index_version"] == version
+
+
+def test_handoffs_asked_on_both_servers_at_once_open_one(pg_url):
+    """Both requests read "no pending handoff" before either commits (a table lock held by the test makes them
+    meet, whatever the timing): the conversation must still get one handoff, not two in the staff queue."""
+    from sqlalchemy import text
+
+    from chatbot.store import Handoff, Message, Store
+
+    a, b = Store(pg_url), Store(pg_url, migrate=False)  # two pools: the two server processes
+    try:
+        cid = a.create_conversation(channel="web").id
+        a.add_message(Message(conversation_id=cid, role="user", text="I want to talk to a person"))
+        results, errors = [], []
+
+        def ask(store):
+            try:
+                results.append(store.request_handoff(cid, "customer_request"))
+            except Exception as exc:  # noqa: BLE001 (asserted below)
+                errors.append(exc)
+
+        with a.engine.connect() as blocker:
+            blocker.execute(text("LOCK TABLE handoff IN SHARE ROW EXCLUSIVE MODE"))  # holds inserts, not reads
+            threads = [threading.Thread(target=ask, args=(s,)) for s in (a, b)]
+            for t in threads:
+                t.start()
+            waiting = 0
+            for _ in range(600):  # until both requests wait for a lock
+                blocker.execute(text("SELECT pg_stat_clear_snapshot()"))  # else the view stays as first read
+                waiting = blocker.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'")).scalar_one()
+                if waiting == 2:
+                    break
+                time.sleep(0.1)
+            assert waiting == 2
+            blocker.commit()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len({h.id for h in results}) == 1
+        pending = [h for h in a.transcript(cid)["handoffs"] if h["status"] in ("open", "assigned")]
+        assert len(pending) == 1 and a.count(Handoff) == 1
+        assert [h["conversation_id"] for h in b.handoff_queue()] == [cid]
+    finally:
+        a.close()
+        b.close()
