@@ -493,7 +493,7 @@ class Store:
             raise InvalidInputError(f"comment must be at most 4000 characters, got {len(comment)}")
 
         def fn(s: Session) -> Feedback | None:
-            msg = s.get(Message, message_id)
+            msg = s.get(Message, message_id, with_for_update=True)  # one reply's ratings take turns: one row
             if msg is None or msg.conversation_id != conversation_id:
                 raise NotFoundError(f"message_id {message_id!r} does not exist in conversation {conversation_id!r}")
             if msg.role == "user":
@@ -531,7 +531,7 @@ class Store:
         """
 
         def fn(s: Session) -> Annotation:
-            msg = s.get(Message, message_id)
+            msg = s.get(Message, message_id, with_for_update=True)  # one reply's annotations take turns: one row
             if msg is None:
                 raise NotFoundError(f"message_id {message_id!r} does not exist")
             if msg.role == "user":

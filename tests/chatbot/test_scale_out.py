@@ -246,48 +246,83 @@ def test_index_published_by_one_is_served_by_both(servers, token, tmp_path):
         assert httpx.get(s.url + "/healthz", timeout=30).json()["index_version"] == version
 
 
-def test_handoffs_asked_on_both_servers_at_once_open_one(pg_url):
-    """Both requests read "no pending handoff" before either commits (a table lock held by the test makes them
-    meet, whatever the timing): the conversation must still get one handoff, not two in the staff queue."""
+@pytest.fixture
+def two_stores(pg_url):
+    """Two stores on the shared database (two connection pools: the two server processes) and a conversation with
+    a customer message and a reply."""
+    from chatbot.store import Message, Store
+
+    a, b = Store(pg_url), Store(pg_url, migrate=False)
+    cid = a.create_conversation(channel="web").id
+    a.add_message(Message(conversation_id=cid, role="user", text="I want to talk to a person"))
+    reply = a.add_message(Message(conversation_id=cid, role="assistant", text="Let me find someone for you."))
+    yield a, b, cid, reply.id
+    a.close()
+    b.close()
+
+
+def at_once(a, b, table: str, call) -> list:
+    """Run ``call(store)`` for both stores in two threads while the test holds a lock on ``table`` that stops
+    inserts there but no reads, until both wait for a lock: so both read before either writes, whatever the
+    timing. Returns what the calls returned (exceptions included)."""
     from sqlalchemy import text
 
-    from chatbot.store import Handoff, Message, Store
+    out: list = []
 
-    a, b = Store(pg_url), Store(pg_url, migrate=False)  # two pools: the two server processes
-    try:
-        cid = a.create_conversation(channel="web").id
-        a.add_message(Message(conversation_id=cid, role="user", text="I want to talk to a person"))
-        results, errors = [], []
+    def run(store):
+        try:
+            out.append(call(store))
+        except Exception as exc:  # noqa: BLE001 (the caller asserts on it)
+            out.append(exc)
 
-        def ask(store):
-            try:
-                results.append(store.request_handoff(cid, "customer_request"))
-            except Exception as exc:  # noqa: BLE001 (asserted below)
-                errors.append(exc)
-
-        with a.engine.connect() as blocker:
-            blocker.execute(text("LOCK TABLE handoff IN SHARE ROW EXCLUSIVE MODE"))  # holds inserts, not reads
-            threads = [threading.Thread(target=ask, args=(s,)) for s in (a, b)]
-            for t in threads:
-                t.start()
-            waiting = 0
-            for _ in range(600):  # until both requests wait for a lock
-                blocker.execute(text("SELECT pg_stat_clear_snapshot()"))  # else the view stays as first read
-                waiting = blocker.execute(text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock'")).scalar_one()
-                if waiting == 2:
-                    break
-                time.sleep(0.1)
-            assert waiting == 2
-            blocker.commit()
+    with a.engine.connect() as blocker:
+        blocker.execute(text(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"))
+        threads = [threading.Thread(target=run, args=(s,)) for s in (a, b)]
         for t in threads:
-            t.join()
-        assert errors == []
-        assert len({h.id for h in results}) == 1
-        pending = [h for h in a.transcript(cid)["handoffs"] if h["status"] in ("open", "assigned")]
-        assert len(pending) == 1 and a.count(Handoff) == 1
-        assert [h["conversation_id"] for h in b.handoff_queue()] == [cid]
-    finally:
-        a.close()
-        b.close()
+            t.start()
+        waiting = 0
+        for _ in range(600):
+            blocker.execute(text("SELECT pg_stat_clear_snapshot()"))  # else the view stays as first read
+            waiting = blocker.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                           "AND wait_event_type = 'Lock'")).scalar_one()
+            if waiting == 2:
+                break
+            time.sleep(0.1)
+        blocker.commit()
+    for t in threads:
+        t.join()
+    assert waiting == 2
+    return out
+
+
+def test_handoffs_asked_on_both_servers_at_once_open_one(two_stores):
+    """A customer's "talk to a person", sent twice and balanced to both servers: one handoff in the staff queue."""
+    from chatbot.store import Handoff
+
+    a, b, cid, _ = two_stores
+    results = at_once(a, b, "handoff", lambda store: store.request_handoff(cid, "customer_request"))
+    assert [type(r).__name__ for r in results] == ["Handoff", "Handoff"]
+    assert len({h.id for h in results}) == 1
+    pending = [h for h in a.transcript(cid)["handoffs"] if h["status"] in ("open", "assigned")]
+    assert len(pending) == 1 and a.count(Handoff) == 1
+    assert [h["conversation_id"] for h in b.handoff_queue()] == [cid]
+
+
+def test_feedback_sent_to_both_servers_at_once_is_one_rating(two_stores):
+    """A double-clicked thumbs-up balanced to both servers: both succeed, one feedback row (no error 500)."""
+    from chatbot.store import Feedback
+
+    a, b, cid, reply_id = two_stores
+    results = at_once(a, b, "feedback", lambda store: store.add_feedback(cid, reply_id, 1))
+    assert [type(r).__name__ for r in results] == ["Feedback", "Feedback"], results
+    assert a.count(Feedback) == 1
+
+
+def test_annotations_saved_on_both_servers_at_once_are_one_row(two_stores):
+    """Two staff members approving one reply at the same moment on the two servers: one annotation row."""
+    from chatbot.store import Annotation
+
+    a, b, _, reply_id = two_stores
+    results = at_once(a, b, "annotation", lambda store: store.annotate(reply_id, None, approved=True))
+    assert [type(r).__name__ for r in results] == ["Annotation", "Annotation"], results
+    assert a.count(Annotation) == 1
