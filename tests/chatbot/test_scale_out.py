@@ -247,18 +247,22 @@ def test_index_published_by_one_is_served_by_both(servers, token, tmp_path):
 
 
 @pytest.fixture
-def two_stores(pg_url):
-    """Two stores on the shared database (two connection pools: the two server processes) and a conversation with
+def two_stores():
+    """Two stores on one fresh database (two connection pools: the two server processes) and a conversation with
     a customer message and a reply."""
     from chatbot.store import Message, Store
 
-    a, b = Store(pg_url), Store(pg_url, migrate=False)
-    cid = a.create_conversation(channel="web").id
-    a.add_message(Message(conversation_id=cid, role="user", text="I want to talk to a person"))
-    reply = a.add_message(Message(conversation_id=cid, role="assistant", text="Let me find someone for you."))
-    yield a, b, cid, reply.id
-    a.close()
-    b.close()
+    server = postgres_server_url()
+    if server is None:
+        pytest.skip(SKIP_REASON)
+    with temp_database(server) as url:
+        a, b = Store(url), Store(url, migrate=False)
+        cid = a.create_conversation(channel="web").id
+        a.add_message(Message(conversation_id=cid, role="user", text="I want to talk to a person"))
+        reply = a.add_message(Message(conversation_id=cid, role="assistant", text="Let me find someone for you."))
+        yield a, b, cid, reply.id
+        a.close()
+        b.close()
 
 
 def at_once(a, b, table: str, call) -> list:
