@@ -3,6 +3,7 @@
 The scale-out the README promises: API replicas behind a load balancer share the store (PostgreSQL by
 URL) and the data folder (index versions, adapter registry and its ``LIVE.json``, uploads) on shared
 storage. Both servers here run the transformers engine with the real SmolLM2-135M over the KB slice;
+both start at the same time (each sets up the index, migrates the database and creates the admin user), and
 the client sends each request to one or the other, as a load balancer without session affinity would:
 
 * a conversation's turns sent alternately to both are stored once each, in order;
@@ -10,8 +11,9 @@ the client sends each request to one or the other, as a load balancer without se
   there, and the reply reaches the customer polling the other;
 * an adapter promoted on one server's operator page is served by both;
 * a document uploaded and re-indexed on one server's operator page is cited by both;
-* a customer asking for a person on both servers at the same moment opens one handoff, not two (store level,
-  two connection pools standing in for the two processes; no model needed).
+* a customer asking for a person, or rating a reply, on both servers at the same moment gets one handoff /
+  one rating, and two staff approving one reply at once one annotation (store level, two connection pools
+  standing in for the two processes; no model needed).
 """
 
 from __future__ import annotations
@@ -49,19 +51,23 @@ def pg_url():
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, kb_dir, chat_model_path, pg_url):
-    """Servers A and B: one PostgreSQL database, one data folder; the second starts once the first has
-    set up the index and migrated the database."""
+    """Servers A and B on one PostgreSQL database and one data folder, started at the same time as replicas are
+    (each runs ``chatbot setup`` (ingest) and migrates the database and creates the admin user on start)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     shared = tmp_path_factory.mktemp("shared") / "var"
     env = {"DATABASE_URL": pg_url, "ADMIN_PASSWORD": ADMIN_PASSWORD, "MAX_NEW_TOKENS": "24"}
-    a = start_server(tmp_path_factory.mktemp("a"), kb_dir, "transformers", data_dir=shared, **env)
-    try:
-        b = start_server(tmp_path_factory.mktemp("b"), kb_dir, "transformers", data_dir=shared, **env)
-    except BaseException:
-        stop_server(a)
-        raise
-    yield a, b
-    stop_server(b)
-    stop_server(a)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(start_server, tmp_path_factory.mktemp(name), kb_dir, "transformers", data_dir=shared,
+                               **env) for name in ("a", "b")]
+    started = [f.result() for f in futures if f.exception() is None]
+    if len(started) < 2:
+        for server in started:
+            stop_server(server)
+        raise next(f.exception() for f in futures if f.exception() is not None)
+    yield tuple(started)
+    for server in started:
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +108,18 @@ def operator_page(server, token: str):
 
     return Client(server.url + "/operator/", headers={"Authorization": f"Bearer {token}"}, verbose=False,
                   download_files=False, analytics_enabled=False)
+
+
+@pytest.mark.slow
+def test_both_started_at_once_share_one_index_and_one_admin(servers, store):
+    from chatbot.store import User
+    from retrieval.index import current_version_name
+
+    a, _ = servers
+    versions = {httpx.get(s.url + "/healthz", timeout=30).json()["index_version"] for s in servers}
+    assert versions == {current_version_name(a.data_dir / "index")}
+    assert len(list((a.data_dir / "index" / "versions").iterdir())) == 1  # the second setup found nothing new
+    assert [u.username for u in store.list_users()] == ["admin"] and store.count(User) == 1
 
 
 @pytest.mark.slow
