@@ -62,13 +62,14 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def _conversation(s: Session, conversation_id: str) -> Conversation:
-    """The conversation row in session ``s``.
+def _conversation(s: Session, conversation_id: str, lock: bool = False) -> Conversation:
+    """The conversation row in session ``s``; ``lock``: ``SELECT ... FOR UPDATE`` (PostgreSQL), so handoff
+    changes of one conversation made by several server processes at once run one after the other.
 
     Raises:
         NotFoundError: unknown ``conversation_id``.
     """
-    conv = s.get(Conversation, conversation_id)
+    conv = s.get(Conversation, conversation_id, with_for_update=lock)
     if conv is None:
         raise NotFoundError(f"conversation_id {conversation_id!r} does not exist")
     return conv
@@ -492,7 +493,7 @@ class Store:
             raise InvalidInputError(f"comment must be at most 4000 characters, got {len(comment)}")
 
         def fn(s: Session) -> Feedback | None:
-            msg = s.get(Message, message_id)
+            msg = s.get(Message, message_id, with_for_update=True)  # one reply's ratings take turns: one row
             if msg is None or msg.conversation_id != conversation_id:
                 raise NotFoundError(f"message_id {message_id!r} does not exist in conversation {conversation_id!r}")
             if msg.role == "user":
@@ -530,7 +531,7 @@ class Store:
         """
 
         def fn(s: Session) -> Annotation:
-            msg = s.get(Message, message_id)
+            msg = s.get(Message, message_id, with_for_update=True)  # one reply's annotations take turns: one row
             if msg is None:
                 raise NotFoundError(f"message_id {message_id!r} does not exist")
             if msg.role == "user":
@@ -581,7 +582,7 @@ class Store:
                 s.add(conv)
                 s.flush()
             else:
-                conv = _conversation(s, conversation_id)
+                conv = _conversation(s, conversation_id, lock=True)
             pending = s.exec(select(Handoff).where(Handoff.conversation_id == conv.id,
                                                    Handoff.status.in_(["open", "assigned"]))).first()
             if pending is not None:
@@ -632,7 +633,7 @@ class Store:
         """
 
         def fn(s: Session) -> Handoff:
-            conv = _conversation(s, conversation_id)
+            conv = _conversation(s, conversation_id, lock=True)
             if s.get(User, user_id) is None:
                 raise NotFoundError(f"user id {user_id!r} does not exist")
             h = self._pending_handoff(s, conversation_id)
@@ -662,7 +663,7 @@ class Store:
             raise InvalidInputError("staff reply text must not be empty")
 
         def fn(s: Session) -> Message:
-            conv = _conversation(s, conversation_id)
+            conv = _conversation(s, conversation_id, lock=True)
             if conv.status != "human":
                 h = self._pending_handoff(s, conversation_id) or Handoff(conversation_id=conversation_id,
                                                                          reason="staff_takeover")
@@ -688,7 +689,7 @@ class Store:
         """
 
         def fn(s: Session) -> Conversation:
-            conv = _conversation(s, conversation_id)
+            conv = _conversation(s, conversation_id, lock=True)
             for h in s.exec(select(Handoff).where(Handoff.conversation_id == conversation_id,
                                                   Handoff.status.in_(["open", "assigned"]))).all():
                 h.status, h.closed_at = ("closed" if close else "returned"), _now()

@@ -38,7 +38,7 @@ class Server:
 
 
 def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, routing: bool = False,
-                 answer_mode: str = "generate", **env_settings: str) -> Server:
+                 answer_mode: str = "generate", data_dir: Path | None = None, **env_settings: str) -> Server:
     """Run ``chatbot setup`` then ``chatbot serve`` with data in ``tmp/var``; wait for ``/healthz``.
 
     Args:
@@ -51,15 +51,18 @@ def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, routing
             a greeting would otherwise get the policy's fixed clarify reply instead of generation.
         answer_mode: ``CHATBOT_ANSWER_MODE``; ``generate`` by default for the same reason (the
             served default is ``verified``; bench/serving.py measures both).
+        data_dir: the data folder (index, adapters, uploads) instead of ``tmp/var``; servers given the same one
+            share it, as replicas on shared storage do (their database then comes from ``DATABASE_URL``).
         env_settings: more settings, e.g. ``MAX_QUEUED="0"`` becomes ``CHATBOT_MAX_QUEUED=0``.
 
     Raises:
         RuntimeError: the server exited or did not answer in time (its log is in the message).
     """
     port = free_port()
+    data_dir = data_dir or tmp / "var"
     env = {
         **os.environ,
-        "CHATBOT_DATA_DIR": str(tmp / "var"),
+        "CHATBOT_DATA_DIR": str(data_dir),
         "CHATBOT_KB_DIR": str(kb),
         "CHATBOT_PORT": str(port),
         "CHATBOT_ENGINE": engine,
@@ -81,7 +84,7 @@ def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, routing
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
         try:
             if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return Server(url, tmp / "var", proc, log_path)
+                return Server(url, data_dir, proc, log_path)
         except httpx.HTTPError:
             pass
         time.sleep(1)

@@ -16,12 +16,15 @@ change keep their ids and vectors, so only text the new rules cut differently
 Every change builds a whole new index (flat or HNSW by size, see
 :mod:`retrieval.index`) and publishes it as a new version beside the old one; the
 ``CURRENT`` pointer is swapped atomically, and a running :class:`~retrieval.retriever.Retriever`
-picks the new version up on its next search.
+picks the new version up on its next search. Writers of one index folder (API replicas on
+shared storage, the CLI beside a server) take turns: each builds on the version the one before published.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -121,6 +124,23 @@ def ingest(
     )
 
 
+def _one_writer(fn):
+    """Run ``fn(docs, index_dir, ...)`` holding an exclusive ``flock`` on ``index_dir/.writer.lock``, so ingests
+    into one folder from several threads or processes (shared storage included) run one after the other:
+    otherwise two that read the same current version would each publish it plus their own documents, and the
+    later one would drop the earlier one's."""
+
+    @functools.wraps(fn)
+    def locked(docs, index_dir, *args, **kwargs):
+        Path(index_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(index_dir) / ".writer.lock", "a+") as f:  # closing the file releases the lock
+            fcntl.flock(f, fcntl.LOCK_EX)
+            return fn(docs, index_dir, *args, **kwargs)
+
+    return locked
+
+
+@_one_writer
 def ingest_documents(
     docs: Iterable[Document],
     index_dir: Path,
@@ -143,6 +163,8 @@ def ingest_documents(
             root is in ``roots``, or every one when ``roots`` is None (mirror ``docs`` exactly).
         roots: see ``sync``.
         skipped: files already skipped while loading, carried into the report.
+
+    Concurrent ingests into one ``index_dir`` (threads or processes) run one at a time.
 
     Returns:
         What changed; a new version is published only when something did.
