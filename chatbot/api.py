@@ -1,10 +1,10 @@
 """HTTP API (FastAPI): OpenAI-compatible chat completions, health, and the Gradio chat page at ``/``.
 
 Every error comes back as an OpenAI-style object ``{"error": {"message", "type", "param", "code"}}``
-(``param``: the request field at fault, or null) with HTTP 400 (bad input, a body that is not JSON, a
-field the server does not honour), 404 (unknown conversation or path), 405 (method), 422 (malformed
-body), 429 (busy, or this client's / conversation's share of places is taken; with ``Retry-After``) or
-500/503 (our side).
+(``param``: the request field at fault, or null) with HTTP 400 (bad input, a field the server does not
+honour, a form body that cannot be read), 404 (unknown conversation or path), 405 (method), 422 (malformed
+body: not JSON, or fields of the wrong shape), 429 (busy, or this client's / conversation's share of
+places is taken; with ``Retry-After``) or 500/503 (our side).
 
 Behind a reverse proxy the client address (per-client admission limits, login lock-out) and the scheme
 (Secure cookie) come from ``X-Forwarded-For`` / ``X-Forwarded-Proto`` only when the connection comes
@@ -270,11 +270,11 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):  # not JSON at all: OpenAI answers 400
+        if any(e.get("type") == "json_invalid" for e in errors):  # not JSON at all (README: 422, malformed body)
             e = next(e for e in errors if e.get("type") == "json_invalid")
             pos = e.get("loc", ("body", None))[-1]
             detail = (e.get("ctx") or {}).get("error", "invalid JSON")
-            return _error(400, f"the request body is not valid JSON ({detail} at character {pos})",
+            return _error(422, f"invalid request body: not valid JSON ({detail} at character {pos})",
                           "invalid_request_error", "invalid_json")
         parts = []
         params = []

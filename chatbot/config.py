@@ -205,7 +205,8 @@ class Settings(BaseSettings):
         default=None, description="CHATBOT_ADMIN_PASSWORD: create admin_username as an operator when it does not exist."
     )
     console_session_hours: float = Field(default=12.0, gt=0, description="Console login lifetime, hours.")
-    console_secure_cookie: bool = Field(default=False, description="Mark the console cookie Secure (serve over HTTPS).")
+    console_secure_cookie: bool = Field(
+        default=False, description="Mark the console cookie Secure on every request (HTTPS ones get it anyway).")
     handoff_poll_s: float = Field(default=2.0, gt=0, description="How often the chat page checks for staff replies, s.")
 
     # --- admission control
