@@ -1,8 +1,14 @@
 """HTTP API (FastAPI): OpenAI-compatible chat completions, health, and the Gradio chat page at ``/``.
 
-Errors come back as OpenAI-style objects ``{"error": {"message", "type", "code"}}``
-with HTTP 400 (bad input), 404 (unknown conversation), 422 (malformed body) or
-500/503 (our side).
+Every error comes back as an OpenAI-style object ``{"error": {"message", "type", "param", "code"}}``
+(``param``: the request field at fault, or null) with HTTP 400 (bad input, a field the server does not
+honour, a form body that cannot be read), 404 (unknown conversation or path), 405 (method), 422 (malformed
+body: not JSON, or fields of the wrong shape), 429 (busy, or this client's / conversation's share of
+places is taken; with ``Retry-After``) or 500/503 (our side).
+
+Behind a reverse proxy the client address (per-client admission limits, login lock-out) and the scheme
+(Secure cookie) come from ``X-Forwarded-For`` / ``X-Forwarded-Proto`` only when the connection comes
+from ``settings.trusted_proxies`` (uvicorn's ``ProxyHeadersMiddleware``, installed on the app itself).
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from chatbot.config import Settings
 from chatbot.engines.base import ChatMessage, GenerationParams
@@ -47,10 +55,93 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
     conversation_id: str | None = Field(default=None, max_length=64)
+    #: up to 4 stop strings: the reply ends before the first one (never sent), finish_reason "stop"
+    stop: str | list[str] | None = None
+    # OpenAI fields this server does not honour: accepted only at their no-op values, else a 400 naming them
+    # (:data:`UNSUPPORTED`), never silently dropped
+    n: int | None = None
+    best_of: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    echo: bool | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    logit_bias: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
+        from chatbot.engines.stops import check_stops
+
+        if v is None:
+            return None
+        try:
+            return list(check_stops([v] if isinstance(v, str) else v))
+        except InvalidInputError as exc:
+            raise ValueError(str(exc).removeprefix("stop: ")) from None
 
 
-def _error(status: int, message: str, type_: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "code": code}})
+#: field -> (is it at a value the server honours?, what the server does instead)
+UNSUPPORTED = {
+    "n": (lambda v: v in (None, 1), "one choice per request (n must be 1)"),
+    "best_of": (lambda v: v in (None, 1), "one candidate per request (best_of must be 1)"),
+    "logprobs": (lambda v: not v, "no log probabilities"),
+    "top_logprobs": (lambda v: not v, "no log probabilities"),
+    "echo": (lambda v: not v, "no echo of the prompt"),
+    "tools": (lambda v: not v, "no tool calling"),
+    "tool_choice": (lambda v: v in (None, "none"), "no tool calling"),
+    "parallel_tool_calls": (lambda v: not v, "no tool calling"),
+    "functions": (lambda v: not v, "no function calling"),
+    "function_call": (lambda v: v in (None, "none"), "no function calling"),
+    "logit_bias": (lambda v: not v, "no logit bias"),
+    "presence_penalty": (lambda v: not v, "no presence penalty (the server's repetition_penalty applies)"),
+    "frequency_penalty": (lambda v: not v, "no frequency penalty (the server's repetition_penalty applies)"),
+    "response_format": (lambda v: not v or v.get("type") == "text", "text replies only"),
+    "modalities": (lambda v: not v or list(v) == ["text"], "text replies only"),
+    "audio": (lambda v: v is None, "text replies only"),
+    "prediction": (lambda v: v is None, "no predicted outputs"),
+}
+
+
+class UnsupportedFieldError(InvalidInputError):
+    """A request field the server does not honour was given a value that needs it (HTTP 400)."""
+
+    def __init__(self, param: str, value: object, why: str) -> None:
+        super().__init__(f"{param}={value!r} is not supported by this server: {why}")
+        self.param = param
+        self.code = "unsupported_parameter"
+
+
+def check_supported(body: ChatCompletionRequest) -> None:
+    """Refuse fields the server would otherwise ignore.
+
+    Raises:
+        UnsupportedFieldError: the first field of :data:`UNSUPPORTED` set to a value the server cannot honour.
+    """
+    for name, (ok, why) in UNSUPPORTED.items():
+        value = getattr(body, name)
+        if not ok(value):
+            raise UnsupportedFieldError(name, value, why)
+
+
+#: HTTP status -> OpenAI error ``type`` for errors raised by the framework (unknown path, wrong method)
+_HTTP_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                     404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                     415: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
 class _RequestCounter:
@@ -126,9 +217,27 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
     async def _chatbot_error(_req: Request, exc: ChatbotError) -> JSONResponse:
         if exc.http_status >= 500:
             log.error("request failed: %s", exc, exc_info=exc)
-        resp = _error(exc.http_status, str(exc), exc.error_type)
+        resp = _error(exc.http_status, str(exc), exc.error_type, getattr(exc, "code", None),
+                      getattr(exc, "param", None))
         if isinstance(exc, TooBusyError):
             resp.headers["Retry-After"] = str(exc.retry_after_s)
+        return resp
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown path (404), wrong method (405), a body FastAPI cannot read (400): the same error object
+        type_ = _HTTP_ERROR_TYPES.get(exc.status_code, "server_error" if exc.status_code >= 500 else
+                                      "invalid_request_error")
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such path: {_req.method} {_req.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {_req.method} is not allowed on {_req.url.path}"
+        elif exc.status_code == 400 and message == "There was an error parsing the body":
+            message = "the request body could not be parsed (send a JSON object with content-type application/json)"
+        resp = _error(exc.status_code, message, type_, None if exc.status_code >= 500 else f"http_{exc.status_code}")
+        for k, v in (exc.headers or {}).items():
+            resp.headers[k] = v
         return resp
 
     app.add_middleware(_RequestCounter, assistant=lambda: app.state.assistant)
@@ -160,11 +269,21 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):  # not JSON at all (README: 422, malformed body)
+            e = next(e for e in errors if e.get("type") == "json_invalid")
+            pos = e.get("loc", ("body", None))[-1]
+            detail = (e.get("ctx") or {}).get("error", "invalid JSON")
+            return _error(422, f"invalid request body: not valid JSON ({detail} at character {pos})",
+                          "invalid_request_error", "invalid_json")
         parts = []
-        for e in exc.errors():
+        params = []
+        for e in errors:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            params.append(loc)
             parts.append(f"{loc or 'body'}: {e.get('msg')}")
-        return _error(422, "invalid request body: " + "; ".join(parts), "invalid_request_error", "invalid_body")
+        return _error(422, "invalid request body: " + "; ".join(parts), "invalid_request_error", "invalid_body",
+                      params[0] or None)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -181,6 +300,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         a = app.state.assistant
+        check_supported(body)
         last = body.messages[-1]
         if last.role != "user":
             raise InvalidInputError(f"the last message must have role 'user', got {last.role!r}")
@@ -192,10 +312,12 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
             top_p=settings.top_p if body.top_p is None else body.top_p,
             repetition_penalty=settings.repetition_penalty,
             seed=body.seed,
+            stop=tuple(body.stop or ()),
         )
         turn = await a.start_turn(
             body.conversation_id, last.content, params=params,
             history=None if body.conversation_id else history, channel="api",
+            client=request.client.host if request.client else None,  # the proxy's client when trusted
         )
         created = int(time.time())
         cid = f"chatcmpl-{turn.request_id}"
@@ -258,7 +380,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
                     yield sse({"content": text})
             except ChatbotError as exc:
                 log.exception("stream failed")
-                err = {"error": {"message": str(exc), "type": exc.error_type, "code": None}}
+                err = {"error": {"message": str(exc), "type": exc.error_type, "param": None, "code": None}}
                 yield f"data: {json.dumps(err)}\n\n"
                 return
             finally:
@@ -273,6 +395,8 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
     from chatbot.console_api import install_console
 
     app = install_console(app, settings, mount_ui=mount_ui)
+    # outermost: the client address and scheme of a request through a trusted proxy, for everything inside
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies))
 
     if mount_ui:
         import gradio as gr

@@ -4,8 +4,9 @@ Roles: ``staff`` (review transcripts, annotate, export, handoff queue) and
 ``operator`` (everything staff may do, plus re-index, training, promotion and
 analytics). A session token is 32 random bytes (URL-safe base64) kept in an
 HttpOnly cookie; the database stores only its SHA-256, so a leaked database
-holds no usable session. Repeated failed logins of one user name are slowed
-down (a short lock-out).
+holds no usable session. Repeated failed logins of one user name from one client
+address lock that pair out for a short while; other addresses can still log in as
+that user, so nobody can keep a user (``admin``) locked out from elsewhere.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Auth:
     Args:
         store: the conversation log store (users and sessions live there).
         session_hours: a session's lifetime.
-        max_failures: failed logins of one user name before a lock-out.
+        max_failures: failed logins of one user name from one client address before that pair is locked out.
         lockout_s: length of that lock-out, seconds.
     """
 
@@ -82,7 +83,7 @@ class Auth:
         self.session_hours = session_hours
         self.max_failures = max_failures
         self.lockout_s = lockout_s
-        self._failures: dict[str, tuple[int, float]] = {}
+        self._failures: dict[tuple[str, str | None], tuple[int, float]] = {}  # (name, address) -> (n, since)
         self._lock = threading.Lock()
         self._dummy_hash: str | None = None
 
@@ -117,16 +118,21 @@ class Auth:
             raise
         return True
 
-    def authenticate(self, username: str, password: str) -> User:
+    def authenticate(self, username: str, password: str, client: str | None = None) -> User:
         """The active user with these credentials.
 
+        Args:
+            client: the caller's address; failures are counted per (user name, address).
+
         Raises:
-            AuthError: unknown user, wrong password, inactive user, or too many recent failures
-                (the message does not say which).
+            AuthError: unknown user, wrong password, inactive user, or too many recent failures of this
+                user name from this address (the message does not say which).
         """
         now = time.monotonic()
+        key = (username, client)
         with self._lock:
-            n, since = self._failures.get(username, (0, now))
+            self._forget_old(now)
+            n, since = self._failures.get(key, (0, now))
             if n >= self.max_failures and now - since < self.lockout_s:
                 raise AuthError(f"too many failed logins for {username!r}; try again in "
                                 f"{int(self.lockout_s - (now - since)) + 1} s")
@@ -140,21 +146,30 @@ class Auth:
             ok = user.active and verify_password(user.password_hash, password or "")
         with self._lock:
             if not ok:
-                n, since = self._failures.get(username, (0, now))
+                n, since = self._failures.get(key, (0, now))
                 if now - since >= self.lockout_s:
                     n, since = 0, now
-                self._failures[username] = (n + 1, since if n else now)
+                self._failures[key] = (n + 1, since if n else now)
                 raise AuthError("wrong user name or password")
-            self._failures.pop(username, None)
+            self._failures.pop(key, None)
         return user
 
-    def login(self, username: str, password: str) -> tuple[str, User]:
+    def _forget_old(self, now: float) -> None:
+        """Drop failure records older than the lock-out (they no longer count; keeps the table small)."""
+        if len(self._failures) > 1000:
+            for k in [k for k, (_n, since) in self._failures.items() if now - since >= self.lockout_s]:
+                del self._failures[k]
+
+    def login(self, username: str, password: str, client: str | None = None) -> tuple[str, User]:
         """Check the credentials and open a session; return (token for the cookie, user).
+
+        Args:
+            client: the caller's address (see :meth:`authenticate`).
 
         Raises:
             AuthError: see :meth:`authenticate`.
         """
-        user = self.authenticate(username, password)
+        user = self.authenticate(username, password, client)
         token = secrets.token_urlsafe(32)
         expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(hours=self.session_hours)
         self.store.create_session(user.id, token_hash(token), expires)

@@ -66,7 +66,8 @@ def cmd_serve(args) -> int:
     s = _settings(host=args.host, port=args.port, engine=args.engine)
     app = create_app(s)
     print(f"serving on http://{s.host}:{s.port}", flush=True)
-    uvicorn.run(app, host=s.host, port=s.port, log_level="info")
+    # forwarded headers are read by the app itself, from settings.trusted_proxies only (chatbot.api)
+    uvicorn.run(app, host=s.host, port=s.port, log_level="info", proxy_headers=False)
     return 0
 
 

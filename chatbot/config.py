@@ -205,7 +205,8 @@ class Settings(BaseSettings):
         default=None, description="CHATBOT_ADMIN_PASSWORD: create admin_username as an operator when it does not exist."
     )
     console_session_hours: float = Field(default=12.0, gt=0, description="Console login lifetime, hours.")
-    console_secure_cookie: bool = Field(default=False, description="Mark the console cookie Secure (serve over HTTPS).")
+    console_secure_cookie: bool = Field(
+        default=False, description="Mark the console cookie Secure on every request (HTTPS ones get it anyway).")
     handoff_poll_s: float = Field(default=2.0, gt=0, description="How often the chat page checks for staff replies, s.")
 
     # --- admission control
@@ -215,6 +216,20 @@ class Settings(BaseSettings):
     max_queued: int = Field(default=128, ge=0, description="Requests waiting beyond those; more get HTTP 429.")
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 429, seconds.")
     request_timeout_s: float = Field(default=300.0, gt=0, description="A reply running longer is aborted (504).")
+    max_per_client: int | None = Field(
+        default=8, ge=1,
+        description="Replies (running + queued) one client address may hold; more get HTTP 429. None: no limit. "
+                    "Several customers behind one NAT share an address, so this is above one person's need.",
+    )
+    max_per_conversation: int | None = Field(
+        default=2, ge=1, description="Replies (running + queued) one conversation may hold; more get HTTP 429.",
+    )
+    trusted_proxies: list[str] = Field(
+        default=["127.0.0.1", "::1"],
+        description="Addresses / networks (CIDR) of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are "
+                    "believed (uvicorn's ProxyHeadersMiddleware); '*' trusts every peer. From anyone else the headers "
+                    "are ignored: the client address is the connection's, HTTPS is the connection's scheme.",
+    )
 
     # --- server
     host: str = "127.0.0.1"

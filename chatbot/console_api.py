@@ -421,7 +421,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
                            next: str = Form("/console/")):
         c = await asyncio.to_thread(get_console, request.app)
         try:
-            token, _user = await asyncio.to_thread(c.auth.login, username.strip(), password)
+            token, _user = await asyncio.to_thread(c.auth.login, username.strip(), password, _client(request))
         except AuthError as exc:
             return HTMLResponse(_login_form(_safe_next(next), str(exc)), status_code=401)
         resp = RedirectResponse(_safe_next(next), status_code=303)
@@ -431,7 +431,7 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
     @console.post("/console/api/login")
     async def login_json(body: LoginIn, request: Request):
         c = await asyncio.to_thread(get_console, request.app)
-        token, user = await asyncio.to_thread(c.auth.login, body.username, body.password)
+        token, user = await asyncio.to_thread(c.auth.login, body.username, body.password, _client(request))
         resp = JSONResponse({"token": token, "username": user.username, "role": user.role})
         _set_cookie(request, resp, token)
         return resp
@@ -542,10 +542,19 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
     return public, console
 
 
+def _client(request: Request) -> str | None:
+    """The caller's address (a trusted proxy's ``X-Forwarded-For`` already applied), for the login lock-out."""
+    return request.client.host if request.client else None
+
+
 def _set_cookie(request: Request, resp: Response, token: str) -> None:
+    """Set the session cookie: HttpOnly, SameSite=lax, and Secure whenever the request came over HTTPS
+    (the connection's scheme, or ``X-Forwarded-Proto`` from a trusted proxy, ``settings.trusted_proxies``)
+    or ``console_secure_cookie`` is set."""
     settings = request.app.state.settings
+    secure = settings.console_secure_cookie or request.url.scheme == "https"
     resp.set_cookie(COOKIE_NAME, token, max_age=int(settings.console_session_hours * 3600), path="/",
-                    httponly=True, samesite="lax", secure=settings.console_secure_cookie)
+                    httponly=True, samesite="lax", secure=secure)
 
 
 def install_console(app: FastAPI, settings, mount_ui: bool = True) -> FastAPI:

@@ -24,7 +24,8 @@ class Metrics:
         prompt_tokens: ``chatbot_prompt_tokens_total``.
         running: ``chatbot_requests_running``: generating now.
         queued: ``chatbot_requests_queued``: waiting for a generation slot.
-        rejected: ``chatbot_requests_rejected_total{reason}``: 429s (queue full) and timeouts.
+        rejected: ``chatbot_requests_rejected_total{reason}``: 429s (``queue_full``; ``client_limit``,
+            ``conversation_limit``: one client / conversation held its share of places) and timeouts.
         aborted: ``chatbot_requests_aborted_total``: client disconnected before the end.
         intents: ``chatbot_intents_total{intent}``.
         handoffs: ``chatbot_handoffs_total{reason}``.

@@ -18,6 +18,7 @@ from chatbot.admission import Admission, Ticket
 from chatbot.company import PlaceholderStream
 from chatbot.config import Settings
 from chatbot.engines.base import ChatMessage, Engine, GenerationParams
+from chatbot.engines.stops import StopFilter
 from chatbot.errors import EngineError, InvalidInputError, RequestTimeoutError
 from chatbot.metrics import Metrics
 from chatbot.prompts import BuiltPrompt, build_prompt
@@ -167,8 +168,11 @@ class Turn:
     question: str = ""
     #: the question's passage units scored against it (verified / extractive modes)
     evidence: Evidence | None = field(default=None, repr=False)
+    #: the request's stop strings (OpenAI ``stop``): the reply ends before the first one, whatever made it
+    stop: tuple[str, ...] = ()
     _assistant: "Assistant | None" = field(default=None, repr=False)
     _ticket: Ticket | None = field(default=None, repr=False)
+    _stopped: bool = field(default=False, repr=False)
 
     def release(self) -> None:
         """Give back the turn's admission place (idempotent). :meth:`stream` does it when it runs;
@@ -207,16 +211,19 @@ class Turn:
             RequestTimeoutError: the reply took longer than ``request_timeout_s``.
             EngineError: generation failed.
         """
+        stops = StopFilter(self.stop) if self.stop else None
         if self.held:
-            self.text, self.finish_reason = HANDOFF_NOTICE, "stop"
-            yield HANDOFF_NOTICE
+            notice = stops.cut(HANDOFF_NOTICE)[0] if stops else HANDOFF_NOTICE
+            self.text, self.finish_reason = notice, "stop"
+            yield notice
             return
         a = self._assistant
         if self.fixed_reply is not None:
-            self.text, self.finish_reason, self.ttft_ms, self.latency_ms = self.fixed_reply, "stop", 0.0, 0.0
+            reply = stops.cut(self.fixed_reply)[0] if stops else self.fixed_reply
+            self.text, self.finish_reason, self.ttft_ms, self.latency_ms = reply, "stop", 0.0, 0.0
             self.answer_kind = self.answer_kind or "fixed"
             a.metrics.answers.labels(self.answer_kind).inc()
-            yield self.fixed_reply
+            yield reply
             await asyncio.to_thread(a.record, self)
             return
         assert a is not None and self._ticket is not None
@@ -226,12 +233,22 @@ class Turn:
         deltas = self._generate() if self.mode == "generate" else self._verified()
         try:
             async for out in deltas:
-                if self.ttft_ms is None:
-                    self.ttft_ms = (time.perf_counter() - t0) * 1000
-                parts.append(out)
-                yield out
+                if stops is not None:  # a stop string ends the reply here, whichever mode made it
+                    out, self._stopped = stops.push(out)
+                if out:
+                    if self.ttft_ms is None:
+                        self.ttft_ms = (time.perf_counter() - t0) * 1000
+                    parts.append(out)
+                    yield out
+                if self._stopped:
+                    break
         finally:
-            await deltas.aclose()
+            await deltas.aclose()  # after a stop string: ends the generation (the engine aborts the request)
+        if self._stopped:
+            self.finish_reason = "stop"
+        elif stops is not None and (tail := stops.flush()):
+            parts.append(tail)
+            yield tail
         self.text = "".join(parts)
         self.latency_ms = (time.perf_counter() - t0) * 1000
         m.latency.observe(self.latency_ms / 1000)
@@ -255,16 +272,28 @@ class Turn:
         try:
             await self._ticket.acquire()
             self.adapter_version = a.engine.info.adapter_version  # what the engine serves this request with
+            # the stop strings end generation here (before verification sees the text); vLLM and a remote
+            # server stop on them themselves, the transformers engine is aborted when this closes its stream
+            stops = StopFilter(self.stop) if self.stop else None
             async with asyncio.timeout(a.settings.request_timeout_s):
-                async for chunk in a.engine.stream(self.prompt.messages, self.params, self.request_id):
-                    out = fill.push(chunk.text) if chunk.text else ""
-                    if out:
-                        yield out
-                    self.prompt_tokens = chunk.prompt_tokens
-                    self.completion_tokens = chunk.completion_tokens
-                    if chunk.finish_reason:
-                        self.finish_reason = chunk.finish_reason
-                tail = fill.flush()
+                chunks = a.engine.stream(self.prompt.messages, self.params, self.request_id)
+                try:
+                    async for chunk in chunks:
+                        text, hit = stops.push(chunk.text) if stops is not None else (chunk.text, False)
+                        out = fill.push(text) if text else ""
+                        if out:
+                            yield out
+                        self.prompt_tokens = chunk.prompt_tokens
+                        self.completion_tokens = chunk.completion_tokens
+                        if chunk.finish_reason:
+                            self.finish_reason = chunk.finish_reason
+                        if hit:
+                            self.finish_reason = "stop"
+                            break
+                finally:
+                    await chunks.aclose()
+                tail = fill.push(stops.flush()) if stops is not None else ""
+                tail += fill.flush()
                 if tail:
                     yield tail
         except TimeoutError as exc:
@@ -273,8 +302,9 @@ class Turn:
                 f"reply took longer than request_timeout_s={a.settings.request_timeout_s} and was aborted"
             ) from exc
         except (asyncio.CancelledError, GeneratorExit):
-            m.aborted.inc()
-            log.info("turn %s aborted by the client", self.request_id)
+            if not self._stopped:  # (a stop string ends generation the same way; that is no abort)
+                m.aborted.inc()
+                log.info("turn %s aborted by the client", self.request_id)
             raise
         finally:
             self._ticket.release()
@@ -392,7 +422,8 @@ class Assistant:
         #: keeps the engine on the promoted adapter (LIVE.json), checked before each generated turn
         self.adapters = LiveAdapterWatcher(settings)
         max_running = settings.max_concurrent or (settings.max_num_seqs if engine.info.name == "vllm" else 1)
-        self.admission = Admission(max_running, settings.max_queued, settings.retry_after_s, self.metrics)
+        self.admission = Admission(max_running, settings.max_queued, settings.retry_after_s, self.metrics,
+                                   settings.max_per_client, settings.max_per_conversation)
 
     @classmethod
     def from_settings(cls, settings: Settings, index_dir=None, database_url: str | None = None) -> "Assistant":
@@ -423,6 +454,27 @@ class Assistant:
         params: GenerationParams | None = None,
         history: Sequence[ChatMessage] | None = None,
         channel: str = "api",
+        client: str | None = None,
+    ) -> Turn:
+        """:meth:`_start_turn`, with the request's stop strings (``params.stop``) kept on the turn: they cut
+        whatever reply it gives (generated, verified, extractive, fixed; :meth:`Turn.stream`).
+
+        ``client``: the caller's address, for its per-client share of admission places
+        (``settings.max_per_client``); None is not limited per client.
+        """
+        turn = await self._start_turn(conversation_id, text, params, history, channel, client)
+        if params is not None:
+            turn.stop = params.stop
+        return turn
+
+    async def _start_turn(
+        self,
+        conversation_id: str | None,
+        text: object,
+        params: GenerationParams | None = None,
+        history: Sequence[ChatMessage] | None = None,
+        channel: str = "api",
+        client: str | None = None,
     ) -> Turn:
         """Validate, look up the conversation, route, retrieve and build the prompt (no generation yet).
 
@@ -448,7 +500,8 @@ class Assistant:
         Raises:
             InvalidInputError: bad message, or it cannot fit the model's context.
             NotFoundError: unknown ``conversation_id``.
-            TooBusyError: every running and queued place is taken.
+            TooBusyError: every running and queued place is taken, or the client or the conversation
+                holds its share of them.
         """
         s = self.settings
         user_text = clean_message(text, s.max_message_chars)
@@ -533,7 +586,8 @@ class Assistant:
         prompt.hits = hits[: len(prompt.hits)]  # verified and cited against the whole passages
         if evidence is not None:  # passages trimmed to fit the budget are neither verified against nor quoted
             evidence = evidence.within(len(prompt.hits))
-        ticket = self.admission.reserve()  # raises TooBusyError (429) when the queue is full
+        # raises TooBusyError (429) when the queue is full or this client / conversation holds its share
+        ticket = self.admission.reserve(client=client, conversation=conversation_id)
         turn = Turn(
             _ticket=ticket,
             request_id=uuid.uuid4().hex,

@@ -35,6 +35,8 @@ class GenerationParams:
         repetition_penalty: > 1 discourages repeating prompt or generated tokens
             (CTRL, Keskar et al. 2019; the same parameter in transformers and vLLM).
         seed: sampling seed, or None.
+        stop: up to 4 stop strings (OpenAI ``stop``): the reply ends before the first one, which is not shown
+            (vLLM stops on them itself; :class:`~chatbot.engines.stops.StopFilter` cuts every reply).
     """
 
     max_tokens: int = 256
@@ -42,8 +44,12 @@ class GenerationParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        from chatbot.engines.stops import check_stops
+
+        object.__setattr__(self, "stop", check_stops(self.stop))
         if self.max_tokens < 1:
             raise InvalidInputError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:

@@ -89,6 +89,8 @@ class RemoteEngine(Engine):
         }
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
         if params.repetition_penalty != 1.0:
             body["repetition_penalty"] = params.repetition_penalty  # vLLM's extension of the schema
         n_gen = 0

@@ -217,6 +217,7 @@ class VLLMEngine(Engine):
             repetition_penalty=params.repetition_penalty,
             seed=params.seed,
             stop_token_ids=self._stop_ids,
+            stop=list(params.stop) or None,  # vLLM ends on them and leaves them out of the text
             skip_special_tokens=True,
             output_kind=RequestOutputKind.DELTA,
         )
