@@ -899,7 +899,7 @@ class LiveAdapterWatcher:
         in_sync = live == served and pointer_error is None
         reason = None
         if not in_sync:
-            reason = (pointer_error or self.last_error or (getattr(engine, "pending_reason", None) if pending else None)
+            reason = (pointer_error or self.last_error or getattr(engine, "pending_reason", None)
                       or "the server has not applied LIVE.json yet (it does before its next reply)")
         st = {"live": live, "served": served, "in_sync": in_sync, "pending": pending, "reason": reason,
               "error": pointer_error or self.last_error}

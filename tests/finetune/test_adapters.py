@@ -131,6 +131,54 @@ def test_signoff_adapter_changes_the_vllm_reply_without_restart(signoff_adapter)
     assert again == base
 
 
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_first_promotion_goes_live_on_a_vllm_engine_started_without_lora(signoff_adapter, tmp_path):
+    """vLLM started without LoRA support (a fresh install): the first promotion builds an engine with LoRA
+    support in the background while the old one keeps answering, then serves the adapter; no restart."""
+    import time
+
+    from chatbot.config import Settings
+    from chatbot.engines.vllm_engine import VLLMEngine
+
+    s = Settings(model=signoff_adapter["base"], data_dir=tmp_path, engine="vllm", max_lora_rank=16)
+    shutil.copytree(signoff_adapter["path"], s.resolved_adapters_dir / "signoff")
+    engine = VLLMEngine(signoff_adapter["base"], max_model_len=512, kv_cache_space_gib=1, max_num_seqs=4,
+                        enable_lora=False, max_loras=1, max_lora_rank=16)
+    watcher = LiveAdapterWatcher(s)
+
+    async def scenario():
+        await engine.start()
+        try:
+            async def reply(rid):
+                return "".join([c.text async for c in engine.stream(PROMPT, PARAMS, rid)])
+
+            base = await reply("base")
+            promote("signoff", s, force=True)  # no metrics to gate on; the load check still runs
+            await watcher.sync(engine)
+            pending = watcher.status(engine)
+            during = await reply("during")  # the old engine answers while the new one is built
+            deadline = time.monotonic() + 900
+            while engine.info.adapter_version is None and engine.pending_adapter and time.monotonic() < deadline:
+                await asyncio.sleep(1)
+            served = watcher.status(engine)
+            tuned = await reply("tuned")
+            rollback(s)
+            await watcher.sync(engine)
+            again = await reply("again")
+            return base, pending, during, served, tuned, again
+        finally:
+            await engine.close()
+
+    base, pending, during, served, tuned, again = asyncio.run(scenario())
+    print(f"vLLM rebuild with LoRA support: {engine.rebuild_s:.1f} s")
+    assert pending["pending"] == signoff_adapter["version"] and "live, not yet served" in pending["reason"]
+    assert SIGN_OFF not in base and during == base
+    assert served["in_sync"] and served["served"] == signoff_adapter["version"], served
+    assert SIGN_OFF in tuned and again == base and engine.info.extra["lora"] is True
+
+
 # --------------------------------------------------------------------------- registry and gate
 
 
@@ -239,7 +287,8 @@ def _rename_keys(folder: Path, old: str, new: str) -> None:
     save_file({k.replace(old, new): v for k, v in load_file(str(f)).items()}, str(f))
 
 
-@pytest.mark.parametrize("case, check, message", [
+@pytest.mark.parametrize("case, check, message", ids=["nonexistent_target", "renamed_keys", "rank_128", "zero_lora_b"],
+                         argvalues=[
     ("nonexistent_target", "target_modules", r"targets module\(s\) \['nonexistent_proj'\] that the base model"),
     ("renamed_keys", "keys", r"8 of its 8 tensors match no module of the base model .*missing adapter keys"),
     ("rank_128", "rank", r"has LoRA rank 128, above the vLLM engine's max_lora_rank 64"),
