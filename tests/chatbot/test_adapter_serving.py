@@ -131,3 +131,24 @@ def test_a_switch_the_engine_cannot_make_is_reported_not_silent(tiny, tmp_path, 
         assert "chatbot_adapter_sync_errors_total 0.0" in body
         eng.info.adapter_version, eng.pending_adapter = v, None  # the rebuild finished and switched
         assert w.status(eng)["in_sync"] and "chatbot_adapter_live_mismatch 0.0" in m.render()[0].decode()
+
+
+def test_transformers_engine_refuses_an_adapter_whose_tensors_match_nothing(tiny, tmp_path):
+    """Behind the gate (LIVE.json written by hand): peft only warns "Found missing adapter keys" and would serve
+    the base model under the adapter's name; the engine refuses and keeps what it served."""
+    from chatbot.engines.transformers_engine import TransformersEngine
+    from tests.finetune.test_adapters import _lora_weights, _rename_keys
+
+    good, renamed = tmp_path / "good", tmp_path / "renamed"
+    _lora_weights(good, tiny)
+    _lora_weights(renamed, tiny)
+    _rename_keys(renamed, ".layers.", ".blocks.")
+    engine = TransformersEngine(tiny, max_model_len=256)
+    asyncio.run(engine.start())
+    with pytest.raises(EngineError, match="missing adapter keys"):
+        asyncio.run(engine.set_adapter(str(renamed), "renamed-v"))
+    assert engine.info.adapter_version is None
+    asyncio.run(engine.set_adapter(str(good), "good-v"))
+    with pytest.raises(EngineError, match="8 adapter tensors are missing from the checkpoint"):
+        asyncio.run(engine.set_adapter(str(renamed), "renamed-v"))
+    assert engine.info.adapter_version == "good-v" and list(engine._model.peft_config) == ["good-v"]
