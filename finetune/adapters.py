@@ -751,27 +751,22 @@ def compare_with_live(ref: str | Path, settings, evaluate: bool = True) -> dict:
     if live is not None and live.version == cand.version:
         return {"candidate": cand.version, "candidate_metrics": cand.metrics, "reference": cand.version,
                 "reference_metrics": cand.metrics, "ok": True, "sentences": [f"{cand.version} is the live adapter."]}
-    ref_name, ref_metrics = "base" if live is None else live.version, None
-    if live is None:
-        ref_metrics = cand.base_metrics
-    if ref_metrics is None and (evaluate or live is None):
+    ref_name = "base" if live is None else live.version
+    if evaluate or (live is None and cand.base_metrics):
         ref_name, ref_metrics = _reference_metrics(cand, live, settings)
-    elif live is not None:
+    elif live is None:
+        ref_metrics = None
+    else:  # what exists without running a model: the same splits, or a cached evaluation
         same = live.eval_config.get("split_sha256") == cand.eval_config.get("split_sha256")
-        if same and live.metrics:
-            ref_metrics = live.metrics
-        else:
-            key = _eval_key(_load_dialogues_file(cand.path / "validation.jsonl"),
-                            _load_dialogues_file(cand.path / "test.jsonl"), cand.eval_config, None)
-            cached = (live.manifest.get("evals") or {}).get(key)
-            ref_metrics = cached["adapter"] if cached else None
-            if ref_metrics is None and evaluate:
-                ref_name, ref_metrics = _reference_metrics(cand, live, settings)
+        key = _eval_key(_load_dialogues_file(cand.path / "validation.jsonl"),
+                        _load_dialogues_file(cand.path / "test.jsonl"), cand.eval_config, None)
+        cached = (live.manifest.get("evals") or {}).get(key)
+        ref_metrics = live.metrics if same and live.metrics else (cached["adapter"] if cached else None)
     if ref_metrics is None:
         return {"candidate": cand.version, "candidate_metrics": cand.metrics, "reference": ref_name,
                 "reference_metrics": None, "ok": None,
-                "sentences": [f"Not yet compared with the live adapter {ref_name} on {cand.version}'s held-out "
-                              "dialogues (run `chatbot adapters eval` on it)."]}
+                "sentences": [f"Not yet compared with {'the base model' if live is None else 'the live adapter ' + ref_name}"
+                              f" on {cand.version}'s held-out dialogues (run `chatbot adapters eval` on it)."]}
     ok, reasons, comp = check_gate(cand.metrics, ref_metrics, settings)
     d = GateDecision(cand, ref_name, ok, reasons, comp)
     sentences = d.sentences()

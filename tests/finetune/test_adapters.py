@@ -338,6 +338,12 @@ def test_cli_promote_refusal_exits_non_zero_with_the_reason(tiny, tmp_path, monk
     out = capsys.readouterr().out
     assert "Verdict: " + good + " is not worse than the base model" in out and "{" not in out
     assert f"live adapter is now {good} (was none (base model))" in out
+    # a candidate beside the live adapter, on the same held-out dialogues, in sentences
+    assert main(["adapters", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"live: {good}" in out and "zero-20260102-abcdef12 beside the live model:" in out
+    assert f"Validation loss: 1.0000 against 2.0000 for the live adapter {good} (lower is better; tolerance 0.01): " \
+           "passes." in out
     assert main(["adapters", "history"]) == 0
     assert f"promoted the base model -> {good} (gate vs base: val_loss 2.0000 vs 3.0000 ok" in capsys.readouterr().out
 
