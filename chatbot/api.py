@@ -226,7 +226,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
             """The model that produced the reply: the adapter's id in /v1/models when one served it."""
             if turn.adapter_version:
                 return turn.adapter_version
-            if not turn.text and turn.fixed_reply is None:  # not generated yet: the engine serves this adapter now
+            if not turn.text and turn.fixed_reply is None and not turn.held:  # not generated yet
                 return a.engine.info.adapter_version or base_model
             return base_model
         # the routing decision: intent, calibrated confidence, slots (type, value, offsets), action, reason
