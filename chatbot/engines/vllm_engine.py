@@ -131,6 +131,7 @@ class VLLMEngine(Engine):
         self._want: tuple[str, str | None] | None = None  # the adapter asked for while rebuilding
         self._rebuild: asyncio.Task | None = None
         self._inflight: dict[int, int] = {}  # id(AsyncLLM) -> running requests
+        self._retiring: list = []  # replaced engines still finishing their requests
         #: Seconds the last background rebuild with LoRA support took (None: none ran).
         self.rebuild_s: float | None = None
 
@@ -206,6 +207,7 @@ class VLLMEngine(Engine):
                 self.pending_reason = str(exc)
                 log.error("%s", exc)
         if old is not None:
+            self._retiring.append(old)
             asyncio.create_task(self._retire(old))
 
     async def _retire(self, old) -> None:
@@ -213,7 +215,9 @@ class VLLMEngine(Engine):
         while self._inflight.get(id(old), 0) > 0:
             await asyncio.sleep(0.2)
         self._inflight.pop(id(old), None)
-        old.shutdown()
+        if old in self._retiring:
+            self._retiring.remove(old)
+            old.shutdown()
 
     @property
     def tokenizer(self):
@@ -318,6 +322,8 @@ class VLLMEngine(Engine):
         if self._rebuild is not None:
             self._rebuild.cancel()
             self._rebuild = None
+        while self._retiring:
+            self._retiring.pop().shutdown()
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
