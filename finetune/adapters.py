@@ -421,7 +421,7 @@ def check_adapter_loads(rec: AdapterRecord, settings) -> LoadCheck:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pm = PeftModel(base, cfg, adapter_name="probe")
+            pm = PeftModel(base, cfg, adapter_name="probe", low_cpu_mem_usage=True)  # no init: loaded below
     except Exception as exc:
         raise AdapterLoadError(f"adapter {v!r} cannot be applied to the base model {settings.model!r}: {exc}",
                                "target_modules") from exc
@@ -432,7 +432,7 @@ def check_adapter_loads(rec: AdapterRecord, settings) -> LoadCheck:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = set_peft_model_state_dict(pm, weights, adapter_name="probe")
+            res = set_peft_model_state_dict(pm, weights, adapter_name="probe", low_cpu_mem_usage=True)
     except Exception as exc:  # shape mismatch and the like
         raise AdapterLoadError(f"adapter {v!r}: its tensors do not fit the base model: {exc}", "keys") from exc
     unexpected = list(res.unexpected_keys)
@@ -445,7 +445,7 @@ def check_adapter_loads(rec: AdapterRecord, settings) -> LoadCheck:
     tok = AutoTokenizer.from_pretrained(model_path)
     ids = torch.tensor([render_chat(tok, [ChatMessage(m["role"], m["content"]) for m in PROBE_MESSAGES])])
     pm.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         on = pm(input_ids=ids).logits
         with pm.disable_adapter():
             off = pm(input_ids=ids).logits
