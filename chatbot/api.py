@@ -203,9 +203,20 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
         await a.adapters.sync(a.engine)  # the promoted adapter (LIVE.json), if any, from the first request on
         log.info("serving %s on engine %s (adapter %s)", a.engine.info.model, a.engine.info.name,
                  a.engine.info.adapter_version or "none")
+
+        async def follow_live_json() -> None:  # a promotion goes live between replies too (/v1/models, /healthz)
+            while True:
+                await asyncio.sleep(a.adapters.POLL_S)
+                try:
+                    await a.adapters.sync(a.engine)
+                except Exception:  # never let the poll die
+                    log.exception("adapter poll failed")
+
+        poll = asyncio.create_task(follow_live_json())
         try:
             yield
         finally:
+            poll.cancel()
             await a.engine.close()
             a.store.close()
 
@@ -244,16 +255,21 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        body, content_type = app.state.assistant.metrics.render()
+        a = app.state.assistant
+        await a.adapters.sync(a.engine)
+        a.adapters.status(a.engine)  # the adapter gauges: served, live, mismatch
+        body, content_type = a.metrics.render()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models() -> dict:
         """The base model, then each registered LoRA adapter (``parent``: the base; ``live``: promoted;
-        ``served``: the engine serves it now)."""
+        ``served``: the engine serves it now, as the engine says; ``reason``: why a live one is not served)."""
         from finetune.adapters import list_adapters
 
         a = app.state.assistant
+        await a.adapters.sync(a.engine)  # LIVE.json changed since the last reply: apply it now
+        st = a.adapters.status(a.engine)
         base = a.engine.info.model
         data = [{"id": base, "object": "model", "created": 0, "owned_by": "chatbot", "engine": a.engine.info.name,
                  "served": a.engine.info.adapter_version is None}]
@@ -263,8 +279,10 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
             log.error("cannot list adapters: %s", exc)
             adapters = []
         for rec in adapters:
+            served = rec.version == a.engine.info.adapter_version
             data.append({"id": rec.version, "object": "model", "created": 0, "owned_by": "chatbot", "parent": base,
-                         "live": rec.live, "served": rec.version == a.engine.info.adapter_version})
+                         "live": rec.live, "served": served,
+                         **({"reason": st["reason"]} if rec.live and not served else {})})
         return {"object": "list", "data": data}
 
     @app.exception_handler(RequestValidationError)
@@ -289,12 +307,15 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
     async def healthz() -> dict:
         a = app.state.assistant
         version = a.retriever.version if a.retriever is not None else None
+        await a.adapters.sync(a.engine)
         return {
             "status": "ok",
             "model": a.engine.info.model,
             "engine": a.engine.info.name,
             "index_version": version,
             "max_model_len": a.engine.info.max_model_len,
+            # {"live", "served", "in_sync", "pending", "reason", "error"} (finetune.adapters.LiveAdapterWatcher)
+            "adapter": a.adapters.status(a.engine),
         }
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -321,7 +342,15 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
         )
         created = int(time.time())
         cid = f"chatcmpl-{turn.request_id}"
-        model = a.engine.info.model
+        base_model = a.engine.info.model
+
+        def model() -> str:
+            """The model that produced the reply: the adapter's id in /v1/models when one served it."""
+            if turn.adapter_version:
+                return turn.adapter_version
+            if not turn.text and turn.fixed_reply is None and not turn.held:  # not generated yet
+                return a.engine.info.adapter_version or base_model
+            return base_model
         # the routing decision: intent, calibrated confidence, slots (type, value, offsets), action, reason
         route = turn.route.to_dict() if turn.route is not None else None
 
@@ -340,7 +369,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
                 "id": cid,
                 "object": "chat.completion",
                 "created": created,
-                "model": model,
+                "model": model(),
                 "conversation_id": turn.conversation_id,
                 "citations": citations,
                 "route": route,
@@ -361,7 +390,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": model,
+                "model": model(),
                 "conversation_id": turn.conversation_id,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
                 **extra,

@@ -539,8 +539,9 @@ def _adapter_table(rows) -> str:
 
 
 def cmd_adapters_list(args) -> int:
-    """List the adapters in the registry; the live one is marked with *."""
-    from finetune.adapters import list_adapters
+    """List the adapters in the registry (the live one marked with *), each non-live one compared with the live
+    model (the live adapter, or the base model) on its held-out dialogues where that comparison exists."""
+    from finetune.adapters import compare_with_live, list_adapters
 
     s = _settings()
     rows = list_adapters(s)
@@ -554,39 +555,112 @@ def cmd_adapters_list(args) -> int:
         print(f"{'*' if a.live else ' '} {a.name:<24} {a.version:<44} "
               f"{'-' if vl is None else f'{vl:.4f}':>9} {'-' if rl is None else f'{rl:.4f}':>8} "
               f"{'-' if ss is None else f'{ss:.3f}':>9}  {a.base_sha256[:12]}")
+    live = next((a.version for a in rows if a.live), None)
+    print(f"\nlive: {live or 'none (base model)'}")
+    for a in rows:
+        if a.live or not any(a.metrics.get(k) is not None for k in ("val_loss", "rouge_l", "self_stop_rate")):
+            continue
+        try:
+            cmp = compare_with_live(a.path, s, evaluate=False)
+        except ChatbotError as exc:
+            print(f"\n{a.version}: cannot compare: {exc}")
+            continue
+        print(f"\n{a.version} beside the live model:")
+        for line in cmp["sentences"]:
+            print(f"  {line}")
     return 0
 
 
 def cmd_adapters_eval(args) -> int:
-    """Evaluate an adapter (and the base model) on its own held-out split or on other data."""
-    from finetune.adapters import evaluate_adapter
+    """Evaluate an adapter (and the base model) on its own held-out split or on other data, beside the live
+    adapter when one is live (same dialogues)."""
+    from finetune.adapters import compare_with_live, evaluate_adapter
 
-    res = evaluate_adapter(args.name, _settings(), data=args.data, max_samples=args.max_samples,
+    s = _settings()
+    res = evaluate_adapter(args.name, s, data=args.data, max_samples=args.max_samples,
                            with_base=not args.no_base)
     rows = [("base", res["base"])] if res.get("base") else []
+    cmp = None
+    if not args.data:
+        cmp = compare_with_live(args.name, s)
+        if cmp["reference"] not in ("base", res["version"]) and cmp["reference_metrics"]:
+            rows.append((f"{cmp['reference']} (live)", cmp["reference_metrics"]))
     print(_adapter_table(rows + [(res["version"], res["adapter"])]))
+    if cmp is not None:
+        print()
+        for line in cmp["sentences"]:
+            print(line)
     if args.json:
-        _write_json(args.json, res)
+        _write_json(args.json, {**res, "compare_with_live": cmp})
     return 0
 
 
+def _served_status(url: str) -> str:
+    """What the server at ``url`` serves (its ``/healthz`` ``adapter`` field), as a sentence."""
+    import httpx
+
+    try:
+        r = httpx.get(url.rstrip("/") + "/healthz", timeout=5.0)
+        st = r.json().get("adapter") or {}
+    except Exception as exc:
+        return f"no server answered at {url} ({type(exc).__name__}); a server applies LIVE.json before its next reply"
+    served, live = st.get("served") or "none (base model)", st.get("live") or "none (base model)"
+    if st.get("in_sync"):
+        return f"server {url}: live and served: {served}"
+    return f"server {url}: {live} is live, not yet served (serving {served}): {st.get('reason')}"
+
+
 def cmd_adapters_promote(args) -> int:
-    """Make an adapter live if it passes the gate (metrics vs the live one, same base model)."""
+    """Make an adapter live if it loads as the engine loads it, changes the model and passes the gate
+    (metrics vs the live one on the same dialogues, same base model); then say what the server serves."""
     from finetune.adapters import promote
 
-    decision = promote(args.name, _settings(), force=args.force)
-    for line in decision.lines():
+    s = _settings()
+    decision = promote(args.name, s, force=args.force, via="cli")
+    for line in decision.sentences():
         print(line)
-    print(f"live adapter is now {decision.candidate.version}")
+    print(f"live adapter is now {decision.candidate.version} (was {decision.previous or 'none (base model)'})")
+    if not args.no_check:
+        print(_served_status(args.url or f"http://{s.host}:{s.port}"))
     return 0
 
 
 def cmd_adapters_rollback(args) -> int:
-    """Make the previously live adapter live again (or no adapter)."""
+    """Make the previously live adapter live again (or no adapter); then say what the server serves."""
     from finetune.adapters import rollback
 
-    now = rollback(_settings())
+    s = _settings()
+    now = rollback(s, via="cli")
     print(f"live adapter is now {now.version if now else 'none (base model)'}")
+    if not args.no_check:
+        print(_served_status(args.url or f"http://{s.host}:{s.port}"))
+    return 0
+
+
+def cmd_adapters_status(args) -> int:
+    """What LIVE.json names and what the running server serves; exit 1 when they differ."""
+    import httpx
+
+    s = _settings()
+    url = args.url or f"http://{s.host}:{s.port}"
+    line = _served_status(url)
+    print(line)
+    try:
+        return 0 if (httpx.get(url.rstrip("/") + "/healthz", timeout=5.0).json().get("adapter") or {}).get(
+            "in_sync") else 1
+    except Exception:
+        return 1
+
+
+def cmd_adapters_history(args) -> int:
+    """The audit log of promotions and rollbacks (who, when, from which version to which, the gate)."""
+    from finetune.adapters import audit_sentence, read_audit
+
+    entries = read_audit(_settings())
+    if not entries:
+        print("no promotions or rollbacks recorded")
+    for e in entries:
+        print(audit_sentence(e))
     return 0
 
 
@@ -616,7 +690,7 @@ def cmd_adapters_export_int8(args) -> int:
 
 
 def _add_finetune_commands(sub) -> None:
-    """``train`` and ``adapters list|eval|promote|rollback|merge|export-int8``."""
+    """``train`` and ``adapters list|eval|promote|rollback|status|history|merge|export-int8``."""
     sp = sub.add_parser("train", help="LoRA fine-tune the chat model on dialogues (JSONL or a shared set)")
     sp.add_argument("--data", nargs="+", required=True,
                     help="JSONL files of {\"messages\": [...]}, bitext_customer_support, twitter_customer_care_docpred, "
@@ -668,10 +742,20 @@ def _add_finetune_commands(sub) -> None:
     sp.set_defaults(func=cmd_adapters_eval)
     sp = asub.add_parser("promote", help="make an adapter live (refused when worse than the live one)")
     sp.add_argument("name", help="adapter name in the registry, or its folder")
-    sp.add_argument("--force", action="store_true", help="skip the metric gate (never the base-model check)")
+    sp.add_argument("--force", action="store_true",
+                    help="skip the metric gate (never the base-model and load checks)")
+    sp.add_argument("--url", help="server to ask what it serves afterwards (default: http://HOST:PORT of settings)")
+    sp.add_argument("--no-check", action="store_true", help="do not ask the server what it serves")
     sp.set_defaults(func=cmd_adapters_promote)
     sp = asub.add_parser("rollback", help="make the previously live adapter live again")
+    sp.add_argument("--url", help="server to ask what it serves afterwards (default: http://HOST:PORT of settings)")
+    sp.add_argument("--no-check", action="store_true", help="do not ask the server what it serves")
     sp.set_defaults(func=cmd_adapters_rollback)
+    sp = asub.add_parser("status", help="what LIVE.json names and what the running server serves (exit 1: differ)")
+    sp.add_argument("--url", help="server (default: http://HOST:PORT of settings)")
+    sp.set_defaults(func=cmd_adapters_status)
+    sp = asub.add_parser("history", help="who promoted or rolled back what, when (the audit log)")
+    sp.set_defaults(func=cmd_adapters_history)
     sp = asub.add_parser("merge", help="write base + adapter merged as a full checkpoint")
     sp.add_argument("name")
     sp.add_argument("--out", type=Path, required=True)

@@ -169,8 +169,9 @@ class Settings(BaseSettings):
     )
     enable_lora: bool | None = Field(
         default=None,
-        description="vLLM: start with LoRA support, so promoted adapters are served without restart. None (auto): "
-                    "on when the adapter registry holds an adapter (LoRA support slows every request).",
+        description="vLLM: start with LoRA support, so promoted adapters are served at once. None (auto): on when "
+                    "the adapter registry holds an adapter, else built in the background on the first promotion "
+                    "(LoRA support slows every request).",
     )
     max_loras: int = Field(default=2, ge=1, description="vLLM: adapters held on the device at once.")
     max_lora_rank: int = Field(default=64, ge=1, description="vLLM: highest LoRA rank it can serve.")

@@ -34,6 +34,11 @@ class Metrics:
             extractive, abstained, fixed; chatbot.service.ANSWER_KINDS).
         withheld: ``chatbot_withheld_sentences_total{reason}``: generated sentences no passage supports
             (unsupported_claim, low_overlap, no_content), never shown.
+        adapter_served: ``chatbot_adapter_served{version}``: 1 for the adapter the engine serves ("" = base model).
+        adapter_live: ``chatbot_adapter_live{version}``: 1 for the adapter ``LIVE.json`` names ("" = none).
+        adapter_mismatch: ``chatbot_adapter_live_mismatch``: 1 while the engine serves another adapter than
+            ``LIVE.json`` names (a failed or pending switch; finetune.adapters.LiveAdapterWatcher).
+        adapter_errors: ``chatbot_adapter_sync_errors_total``: promoted adapters the engine could not serve.
     """
 
     def __init__(self) -> None:
@@ -57,6 +62,14 @@ class Metrics:
         self.answers = Counter("chatbot_answers", "Replies by how they were made", ["kind"], registry=r)
         self.withheld = Counter("chatbot_withheld_sentences", "Generated sentences withheld: no passage supports them",
                                 ["reason"], registry=r)
+        self.adapter_served = Gauge("chatbot_adapter_served", "Adapter the engine serves (1; '' = base model)",
+                                    ["version"], registry=r)
+        self.adapter_live = Gauge("chatbot_adapter_live", "Adapter LIVE.json names (1; '' = none)", ["version"],
+                                  registry=r)
+        self.adapter_mismatch = Gauge("chatbot_adapter_live_mismatch",
+                                      "1 while the engine serves another adapter than LIVE.json names", registry=r)
+        self.adapter_errors = Counter("chatbot_adapter_sync_errors", "Promoted adapters the engine could not serve",
+                                      registry=r)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) for the ``/metrics`` endpoint."""

@@ -286,31 +286,51 @@ def list_adapters(settings) -> list[dict]:
     return out
 
 
-def promote_adapter(settings, name: str) -> dict:
-    """Make adapter ``name`` live if it passes the evaluation gate (:func:`finetune.adapters.promote`).
+def promote_adapter(settings, name: str, user: str | None = None) -> dict:
+    """Make adapter ``name`` live if it loads as the engine loads it, changes the model and passes the evaluation
+    gate (:func:`finetune.adapters.promote`); recorded in the audit log under ``user`` (via the console).
+
+    Returns:
+        ``{"live": version, "previous": version | None, "gate": table lines, "sentences": the verdict in words}``.
 
     Raises:
         InvalidInputError: no name.
         ConfigError: the fine-tuning module is not available.
-        AdapterError: the gate refused it, or no such adapter.
+        AdapterError: the load check or the gate refused it, or no such adapter (the message says why).
     """
     if not name:
         raise InvalidInputError("adapter name must not be empty")
-    decision = _finetune_module("adapters").promote(name, settings)
-    lines = list(decision.lines()) if callable(getattr(decision, "lines", None)) else []
-    return {"live": decision.candidate.version, "gate": lines}
+    decision = _finetune_module("adapters").promote(name, settings, user=user, via="console")
+    return {"live": decision.candidate.version, "previous": decision.previous, "gate": decision.lines(),
+            "sentences": decision.sentences()}
 
 
-def rollback_adapter(settings) -> dict:
-    """Make the previously live adapter live again (:func:`finetune.adapters.rollback`).
+def rollback_adapter(settings, user: str | None = None) -> dict:
+    """Make the previously live adapter live again (:func:`finetune.adapters.rollback`), recorded in the audit
+    log under ``user``.
 
     Raises:
         ConfigError: the fine-tuning module is not available.
         AdapterError: nothing to roll back to.
     """
-    now = _finetune_module("adapters").rollback(settings)
+    now = _finetune_module("adapters").rollback(settings, user=user, via="console")
     return {"live": now.version if now is not None else None}
 
 
+def adapter_history(settings) -> list[dict]:
+    """The audit log of promotions and rollbacks, newest first (:func:`finetune.adapters.read_audit`), each
+    with a ``sentence``."""
+    mod = _finetune_module("adapters")
+    return [{**e, "sentence": mod.audit_sentence(e)} for e in reversed(mod.read_audit(settings))]
+
+
+def compare_adapter(settings, name: str, evaluate: bool = True) -> dict:
+    """The adapter beside the live model on its held-out dialogues (:func:`finetune.adapters.compare_with_live`;
+    with ``evaluate``, evaluates the live adapter once when no cached comparison exists)."""
+    if not name:
+        raise InvalidInputError("adapter name must not be empty")
+    return _finetune_module("adapters").compare_with_live(name, settings, evaluate=evaluate)
+
+
 __all__ = ["Job", "Jobs", "reindex", "save_uploads", "export_approved", "train_from_approved", "list_adapters",
-           "promote_adapter", "rollback_adapter", "ChatbotError"]
+           "promote_adapter", "rollback_adapter", "adapter_history", "compare_adapter", "ChatbotError"]

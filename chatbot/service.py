@@ -420,7 +420,7 @@ class Assistant:
         from finetune.adapters import LiveAdapterWatcher
 
         #: keeps the engine on the promoted adapter (LIVE.json), checked before each generated turn
-        self.adapters = LiveAdapterWatcher(settings)
+        self.adapters = LiveAdapterWatcher(settings, self.metrics)
         max_running = settings.max_concurrent or (settings.max_num_seqs if engine.info.name == "vllm" else 1)
         self.admission = Admission(max_running, settings.max_queued, settings.retry_after_s, self.metrics,
                                    settings.max_per_client, settings.max_per_conversation)

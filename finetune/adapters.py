@@ -39,11 +39,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatbot.errors import AdapterError, NotFoundError
+
+
+class AdapterLoadError(AdapterError):
+    """An adapter does not load the way the serving engine loads it, or loads and changes nothing.
+
+    Attributes:
+        check: which check failed: ``"target_modules"``, ``"keys"``, ``"rank"``, ``"base_model"``,
+            ``"no_effect"`` or ``"load"``.
+    """
+
+    def __init__(self, message: str, check: str) -> None:
+        super().__init__(message)
+        self.check = check
 from finetune.sft import MANIFEST, model_fingerprint
 
 log = logging.getLogger(__name__)
 
 LIVE = "LIVE.json"
+#: The append-only audit log of promotions and rollbacks, beside ``LIVE.json`` (one JSON object a line).
+AUDIT = "PROMOTIONS.jsonl"
+#: The fixed probe of the load check: the adapter must change the base model's logits on it.
+PROBE_MESSAGES = [{"role": "system", "content": "You are a helpful customer-service assistant."},
+                  {"role": "user", "content": "Hello, my order has not arrived yet. Can you help me?"}]
+#: Largest |logit difference| (adapter on vs off) on the probe below which an adapter counts as doing nothing.
+PROBE_MIN_CHANGE = 1e-4
 #: Metrics the gate compares: name -> (higher is better, settings field with the tolerance).
 GATE_METRICS = {
     "val_loss": (False, "adapter_gate_max_val_loss_increase"),
@@ -307,6 +327,139 @@ def evaluate_adapter(ref: str | Path, settings, data: list[str] | None = None, m
     return res
 
 
+# --------------------------------------------------------------------------- the load check
+
+
+def serving_max_lora_rank(settings) -> int | None:
+    """The highest LoRA rank the configured engine serves: ``settings.max_lora_rank`` when it is vLLM
+    (``engine="vllm"``, or ``"auto"`` where vLLM is installed), None for transformers (peft serves any rank)."""
+    engine = getattr(settings, "engine", "auto")
+    if engine == "vllm":
+        return int(settings.max_lora_rank)
+    if engine == "auto":
+        from chatbot.engines.vllm_engine import vllm_available
+
+        return int(settings.max_lora_rank) if vllm_available() else None
+    return None
+
+
+@dataclass
+class LoadCheck:
+    """What :func:`check_adapter_loads` found for an adapter that passed it.
+
+    Attributes:
+        rank: the adapter's LoRA rank (the largest, with a ``rank_pattern``).
+        max_rank: the engine's ``max_lora_rank`` (None: not limited, transformers).
+        target_modules: module names the adapter wraps.
+        tensors: adapter tensors loaded (every one matched a module).
+        max_logit_change: largest absolute logit difference, adapter on vs off, on the probe prompt.
+    """
+
+    rank: int
+    max_rank: int | None
+    target_modules: list[str]
+    tensors: int
+    max_logit_change: float
+
+    def sentences(self) -> list[str]:
+        """The check's findings in plain sentences."""
+        limit = "no rank limit (transformers engine)" if self.max_rank is None else \
+            f"within the engine's max_lora_rank {self.max_rank}"
+        return [f"It loads on the served base model: all {self.tensors} tensors match modules "
+                f"({', '.join(self.target_modules)}); rank {self.rank}, {limit}.",
+                f"It changes the model: the largest logit change on the probe prompt is {self.max_logit_change:.3g}."]
+
+    def as_dict(self) -> dict:
+        """JSON-ready fields."""
+        return {"rank": self.rank, "max_rank": self.max_rank, "target_modules": self.target_modules,
+                "tensors": self.tensors, "max_logit_change": self.max_logit_change}
+
+
+def check_adapter_loads(rec: AdapterRecord, settings) -> LoadCheck:
+    """Load the adapter the way the serving engine will and prove that it does something.
+
+    On the served base model (``settings.model``, float32 on CPU): the adapter's target modules exist,
+    every tensor of ``adapter_model.safetensors`` lands on a module (peft would only warn "Found missing
+    adapter keys" and serve the base model), its rank is within the vLLM engine's ``max_lora_rank``,
+    and one forward pass of :data:`PROBE_MESSAGES` with and without it differs by at least
+    :data:`PROBE_MIN_CHANGE` in some logit (an adapter whose ``lora_B`` tensors are all zero is the
+    base model). Cost: one model load and two forward passes of a ~40-token prompt.
+
+    Raises:
+        AdapterLoadError: the first check that fails, named in ``check`` and in the message.
+    """
+    import torch
+    from peft import PeftConfig, PeftModel
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatbot.assets import resolve_chat_model
+    from chatbot.engines.transformers_engine import render_chat
+    from chatbot.engines.base import ChatMessage
+
+    v = rec.version
+    try:
+        cfg = PeftConfig.from_pretrained(str(rec.path))
+    except Exception as exc:
+        raise AdapterLoadError(f"adapter {v!r}: cannot read {str(rec.path / 'adapter_config.json')!r}: {exc}",
+                               "load") from exc
+    rank = max([int(getattr(cfg, "r", 0) or 0), *[int(r) for r in (getattr(cfg, "rank_pattern", None) or {}).values()]])
+    max_rank = serving_max_lora_rank(settings)
+    if max_rank is not None and rank > max_rank:
+        raise AdapterLoadError(f"adapter {v!r} has LoRA rank {rank}, above the vLLM engine's max_lora_rank "
+                               f"{max_rank} (setting max_lora_rank): vLLM would refuse to load it", "rank")
+    model_path = resolve_chat_model(settings)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    targets = cfg.target_modules
+    leaf_names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    if isinstance(targets, (set, list, tuple)):
+        absent = sorted(set(targets) - leaf_names)
+        if absent:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise AdapterLoadError(f"adapter {v!r} targets module(s) {absent} that the base model {settings.model!r} "
+                                   f"does not have (its linear modules: {linear})", "target_modules")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = PeftModel(base, cfg, adapter_name="probe", low_cpu_mem_usage=True)  # no init: loaded below
+    except Exception as exc:
+        raise AdapterLoadError(f"adapter {v!r} cannot be applied to the base model {settings.model!r}: {exc}",
+                               "target_modules") from exc
+    try:
+        weights = load_peft_weights(str(rec.path), device="cpu")
+    except Exception as exc:
+        raise AdapterLoadError(f"adapter {v!r}: cannot read its weights: {exc}", "load") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = set_peft_model_state_dict(pm, weights, adapter_name="probe", low_cpu_mem_usage=True)
+    except Exception as exc:  # shape mismatch and the like
+        raise AdapterLoadError(f"adapter {v!r}: its tensors do not fit the base model: {exc}", "keys") from exc
+    unexpected = list(res.unexpected_keys)
+    missing = [k for k in res.missing_keys if ".probe." in k or k.endswith(".probe")]
+    if unexpected or missing:
+        raise AdapterLoadError(
+            f"adapter {v!r}: {len(unexpected)} of its {len(weights)} tensors match no module of the base model "
+            f"(e.g. {unexpected[:2]}) and {len(missing)} adapter tensors would stay at their initial values "
+            f"(missing adapter keys, e.g. {missing[:2]}); served, it would behave like the base model", "keys")
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ids = torch.tensor([render_chat(tok, [ChatMessage(m["role"], m["content"]) for m in PROBE_MESSAGES])])
+    pm.eval()
+    with torch.inference_mode():
+        on = pm(input_ids=ids).logits
+        with pm.disable_adapter():
+            off = pm(input_ids=ids).logits
+    change = float((on - off).abs().max())
+    if not change >= PROBE_MIN_CHANGE:
+        zero_b = [k for k, t in weights.items() if "lora_B" in k and not bool(t.any())]
+        n_b = sum("lora_B" in k for k in weights)
+        why = f"{len(zero_b)} of its {n_b} lora_B tensors are all zero" if zero_b else "its update is negligible"
+        raise AdapterLoadError(f"adapter {v!r} does not change the model: the largest logit change on the probe "
+                               f"prompt is {change:.2e} (below {PROBE_MIN_CHANGE:g}); {why}", "no_effect")
+    names = sorted(targets) if isinstance(targets, (set, list, tuple)) else [str(targets)]
+    return LoadCheck(rank, max_rank, names, len(weights), change)
+
+
 # --------------------------------------------------------------------------- the gate
 
 
@@ -321,6 +474,8 @@ class GateDecision:
         reasons: one line per metric that failed.
         comparison: metric -> ``{"candidate", "reference", "tolerance", "ok"}``.
         forced: promoted despite a failed gate (``--force``).
+        load_check: what :func:`check_adapter_loads` found (None when it was not run).
+        previous: the version live before (None: the base model).
     """
 
     candidate: AdapterRecord
@@ -329,9 +484,11 @@ class GateDecision:
     reasons: list[str]
     comparison: dict
     forced: bool = False
+    load_check: LoadCheck | None = None
+    previous: str | None = None
 
     def lines(self) -> list[str]:
-        """Human-readable report."""
+        """The gate's table, one line per metric."""
         out = [f"gate: {self.candidate.version} vs {self.reference}"]
         for k, c in self.comparison.items():
             ref = "-" if c["reference"] is None else f"{c['reference']:.4f}"
@@ -340,6 +497,31 @@ class GateDecision:
         if self.forced and not self.ok:
             out.append("  forced past the gate")
         return out
+
+    def sentences(self) -> list[str]:
+        """The verdict in plain sentences (for the console and the CLI)."""
+        ref = "the base model" if self.reference == "base" else f"the live adapter {self.reference}"
+        out = list(self.load_check.sentences()) if self.load_check else []
+        for k, c in self.comparison.items():
+            better = "higher" if GATE_METRICS[k][0] else "lower"
+            out.append(f"{METRIC_NAMES.get(k, k)}: {c['candidate']:.4f} against {c['reference']:.4f} for {ref} "
+                       f"({better} is better; tolerance {c['tolerance']:g}): {'passes' if c['ok'] else 'worse'}.")
+        if not self.comparison:
+            out.append(f"No metrics were compared with {ref}.")
+        if self.ok:
+            out.append(f"Verdict: {self.candidate.version} is not worse than {ref} on the same held-out dialogues.")
+        elif self.forced:
+            out.append(f"Verdict: worse than {ref} ({'; '.join(self.reasons)}), promoted anyway (forced).")
+        return out
+
+    def table(self) -> list[dict]:
+        """The gate's table as rows ``{"metric", "candidate", "reference", "tolerance", "ok"}`` (audit log)."""
+        return [{"metric": k, **c} for k, c in self.comparison.items()]
+
+
+#: Metric names as people read them.
+METRIC_NAMES = {"val_loss": "Validation loss", "rouge_l": "ROUGE-L of test replies",
+                "self_stop_rate": "Self-stop rate of test replies"}
 
 
 def check_gate(candidate: dict, reference: dict | None, settings) -> tuple[bool, list[str], dict]:
@@ -403,18 +585,80 @@ def served_model_fingerprint(settings) -> str:
     return model_fingerprint(resolve_chat_model(settings))
 
 
-def promote(ref: str | Path, settings, force: bool = False) -> GateDecision:
-    """Make an adapter live if it passes the gate; the running server follows ``LIVE.json``.
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _who(user: str | None) -> str:
+    if user:
+        return user
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in the environment (containers): the uid
+        return f"uid {os.getuid()}"
+
+
+def append_audit(settings, entry: dict) -> None:
+    """Append one entry to the audit log (:data:`AUDIT` beside ``LIVE.json``; append-only, fsynced)."""
+    p = settings.resolved_adapters_dir / AUDIT
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, default=str, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_audit(settings) -> list[dict]:
+    """The promotions and rollbacks recorded in the audit log, oldest first.
+
+    Each entry: ``{"at", "action": "promote"|"rollback", "user", "via": "cli"|"console"|..., "from", "to",
+    "reference", "ok", "forced", "gate": [{"metric", "candidate", "reference", "tolerance", "ok"}],
+    "load_check": {...}}`` (rollbacks without the gate fields). A line that is not JSON is skipped (logged).
+    """
+    p = settings.resolved_adapters_dir / AUDIT
+    if not p.is_file():
+        return []
+    out = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.error("%s line %d is not JSON; skipped", p, i)
+    return out
+
+
+def audit_sentence(e: dict) -> str:
+    """One audit entry as a sentence."""
+    src, dst = e.get("from") or "the base model", e.get("to") or "the base model"
+    verb = "promoted" if e.get("action") == "promote" else "rolled back"
+    tail = ""
+    if e.get("action") == "promote":
+        gate = ", ".join(f"{g['metric']} {g['candidate']:.4f} vs {g['reference']:.4f} {'ok' if g['ok'] else 'WORSE'}"
+                         for g in e.get("gate") or [])
+        tail = f" (gate vs {e.get('reference')}: {gate or 'no metrics'}{'; forced' if e.get('forced') else ''})"
+    return f"{e.get('at')}: {e.get('user')} ({e.get('via')}) {verb} {src} -> {dst}{tail}"
+
+
+def promote(ref: str | Path, settings, force: bool = False, user: str | None = None,
+            via: str = "cli") -> GateDecision:
+    """Make an adapter live if it loads, changes the model and passes the gate; the running server follows
+    ``LIVE.json``. Each promotion is appended to the audit log (:func:`read_audit`).
 
     Args:
         ref: adapter name, folder or version.
-        settings: service settings (registry, served model, gate tolerances).
-        force: promote even if the metrics are worse (the base-model check still applies).
+        settings: service settings (registry, served model, gate tolerances, ``max_lora_rank``).
+        force: promote even if the metrics are worse (the base-model and load checks still apply).
+        user: who promotes (the console user; default: the OS user).
+        via: where from (``"cli"``, ``"console"``), for the audit log.
 
     Returns:
-        The :class:`GateDecision` (ok, or forced).
+        The :class:`GateDecision` (ok, or forced), with its :class:`LoadCheck`.
 
     Raises:
+        AdapterLoadError: it does not load as the engine loads it, or changes nothing (:func:`check_adapter_loads`).
         AdapterError: not a LoRA adapter, trained on another base model than the served one,
             already live, or worse than the live one (the message lists each failing metric).
     """
@@ -424,13 +668,14 @@ def promote(ref: str | Path, settings, force: bool = False) -> GateDecision:
                            "serve it as a model instead")
     served = served_model_fingerprint(settings)
     if cand.base_sha256 != served:
-        raise AdapterError(
+        raise AdapterLoadError(
             f"adapter {cand.version!r} was trained on base model {cand.base_id!r} (sha256 {cand.base_sha256[:12]}), "
-            f"but the served model {settings.model!r} has sha256 {served[:12]}"
+            f"but the served model {settings.model!r} has sha256 {served[:12]}", "base_model"
         )
     live = live_adapter(settings)
     if live is not None and live.version == cand.version:
         raise AdapterError(f"adapter {cand.version!r} is already live")
+    load = check_adapter_loads(cand, settings)
     if not any(cand.metrics.get(k) is not None for k in GATE_METRICS):
         if not force:
             raise AdapterError(f"adapter {cand.version!r} has no metrics to gate on (trained without held-out "
@@ -439,23 +684,33 @@ def promote(ref: str | Path, settings, force: bool = False) -> GateDecision:
     else:
         ref_name, ref_metrics = _reference_metrics(cand, live, settings)
         ok, reasons, comp = check_gate(cand.metrics, ref_metrics, settings)
-    decision = GateDecision(cand, ref_name, ok, reasons, comp, forced=force and not ok)
+    decision = GateDecision(cand, ref_name, ok, reasons, comp, forced=force and not ok, load_check=load,
+                            previous=live.version if live else None)
     if not ok and not force:
         raise AdapterError(f"promotion of {cand.version!r} refused (compared with {ref_name}): " + "; ".join(reasons))
     state = read_live(settings)
     if state["current"]:
         state["history"].append(state["current"])
     state["current"] = cand.entry()
+    who = _who(user)
+    state["current"]["promoted_by"] = who
     state["events"].append({"action": "promote", "version": cand.version, "reference": ref_name, "ok": ok,
-                            "forced": decision.forced, "at": state["current"]["promoted_at"]})
+                            "forced": decision.forced, "at": state["current"]["promoted_at"], "user": who})
     _write_live(settings, state)
+    append_audit(settings, {"at": state["current"]["promoted_at"], "action": "promote", "user": who, "via": via,
+                            "from": decision.previous, "to": cand.version, "reference": ref_name, "ok": ok,
+                            "forced": decision.forced, "gate": decision.table(), "load_check": load.as_dict()})
     cand.live = True
-    log.info("promoted %s (compared with %s)", cand.version, ref_name)
+    log.info("%s promoted %s (compared with %s)", who, cand.version, ref_name)
     return decision
 
 
-def rollback(settings) -> AdapterRecord | None:
+def rollback(settings, user: str | None = None, via: str = "cli") -> AdapterRecord | None:
     """Make the previously live adapter live again (or none, when the first promotion is undone).
+
+    Args:
+        settings: service settings.
+        user: who rolls back (default: the OS user); via: where from. Both go to the audit log.
 
     Returns:
         The adapter now live, or None when the base model is served again.
@@ -469,37 +724,92 @@ def rollback(settings) -> AdapterRecord | None:
     undone = state["current"]
     state["current"] = state["history"].pop() if state["history"] else None
     now = state["current"]
+    who, at = _who(user), _now()
     state["events"].append({"action": "rollback", "from": undone and undone["version"],
-                            "version": now and now["version"],
-                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                            "version": now and now["version"], "at": at, "user": who})
     _write_live(settings, state)
-    log.info("rolled back %s; live: %s", undone and undone["version"], now and now["version"])
+    append_audit(settings, {"at": at, "action": "rollback", "user": who, "via": via,
+                            "from": undone and undone["version"], "to": now and now["version"]})
+    log.info("%s rolled back %s; live: %s", who, undone and undone["version"], now and now["version"])
     return live_adapter(settings)
+
+
+def compare_with_live(ref: str | Path, settings, evaluate: bool = True) -> dict:
+    """The candidate's metrics beside the live model's (the live adapter, or the base model) on the candidate's
+    held-out dialogues, as the gate would compare them, without promoting.
+
+    Args:
+        evaluate: run the live adapter on the candidate's dialogues when no cached result exists
+            (one evaluation, then cached in its ``adapter.json``); False: report it as not compared.
+
+    Returns:
+        ``{"candidate": version, "candidate_metrics", "reference": "base"|version, "reference_metrics"|None,
+        "ok", "sentences": [...]}``.
+    """
+    cand = resolve_adapter(ref, settings)
+    live = live_adapter(settings)
+    if live is not None and live.version == cand.version:
+        return {"candidate": cand.version, "candidate_metrics": cand.metrics, "reference": cand.version,
+                "reference_metrics": cand.metrics, "ok": True, "sentences": [f"{cand.version} is the live adapter."]}
+    ref_name = "base" if live is None else live.version
+    if evaluate or (live is None and cand.base_metrics):
+        ref_name, ref_metrics = _reference_metrics(cand, live, settings)
+    elif live is None:
+        ref_metrics = None
+    else:  # what exists without running a model: the same splits, or a cached evaluation
+        same = live.eval_config.get("split_sha256") == cand.eval_config.get("split_sha256")
+        key = _eval_key(_load_dialogues_file(cand.path / "validation.jsonl"),
+                        _load_dialogues_file(cand.path / "test.jsonl"), cand.eval_config, None)
+        cached = (live.manifest.get("evals") or {}).get(key)
+        ref_metrics = live.metrics if same and live.metrics else (cached["adapter"] if cached else None)
+    if ref_metrics is None:
+        return {"candidate": cand.version, "candidate_metrics": cand.metrics, "reference": ref_name,
+                "reference_metrics": None, "ok": None,
+                "sentences": [f"Not yet compared with {'the base model' if live is None else 'the live adapter ' + ref_name}"
+                              f" on {cand.version}'s held-out dialogues (run `chatbot adapters eval` on it)."]}
+    ok, reasons, comp = check_gate(cand.metrics, ref_metrics, settings)
+    d = GateDecision(cand, ref_name, ok, reasons, comp)
+    sentences = d.sentences()
+    if not ok:
+        sentences.append(f"Verdict: the gate would refuse it: {'; '.join(reasons)}.")
+    return {"candidate": cand.version, "candidate_metrics": cand.metrics, "reference": ref_name,
+            "reference_metrics": ref_metrics, "ok": ok, "sentences": sentences}
 
 
 # --------------------------------------------------------------------------- serving: follow LIVE.json
 
 
 class LiveAdapterWatcher:
-    """Keeps an engine on the adapter ``LIVE.json`` names, without a restart.
+    """Keeps an engine on the adapter ``LIVE.json`` names, without a restart, and says what is served.
 
     ``await watcher.sync(engine)`` costs one ``stat`` when nothing changed; when the
     pointer changed it calls ``engine.set_adapter(path, version)`` (or
     ``set_adapter(None, None)`` after a rollback to the base model). An adapter whose
     base-model hash differs from the engine's model is refused (logged; the engine
-    keeps what it serves).
+    keeps what it serves). An engine that needs time to serve it (vLLM started without
+    LoRA support rebuilds itself in the background) reports ``pending_reason``; the
+    adapter is then "live, not yet served" until the engine switches.
+
+    The service calls ``sync`` before each generated turn, from ``/v1/models``, ``/healthz``,
+    ``/metrics`` and a background poll (api lifespan), so what those report follows the switch.
 
     Args:
         settings: service settings (registry location).
+        metrics: the service's :class:`chatbot.metrics.Metrics` (adapter gauges), or None.
     """
 
-    def __init__(self, settings) -> None:
+    #: Seconds between the background checks of ``LIVE.json`` (chatbot.api lifespan).
+    POLL_S = 2.0
+
+    def __init__(self, settings, metrics=None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self._mtime: int | None = -1
         self._engine_fp: dict[str, str] = {}
         #: The last error met while applying the pointer (None when the last change applied).
         self.last_error: str | None = None
         self._lock = None  # asyncio.Lock, made in the serving event loop on first use
+        self._reported: tuple | None = None
 
     def _pointer_mtime(self) -> int | None:
         try:
@@ -533,14 +843,18 @@ class LiveAdapterWatcher:
                 self.last_error = str(exc)
                 self._mtime = mtime
                 log.error("keeping adapter %s: %s", engine.info.adapter_version or "none (base model)", exc)
+                if self.metrics is not None:
+                    self.metrics.adapter_errors.inc()
                 return engine.info.adapter_version
+            finally:
+                self.status(engine)
 
     async def _apply(self, engine, mtime) -> str | None:
         import asyncio
 
         cur = read_live(self.settings)["current"]
         want = cur["version"] if cur else None
-        if want != engine.info.adapter_version:
+        if want != engine.info.adapter_version or getattr(engine, "pending_adapter", None) not in (None, want):
             if cur is None:
                 await engine.set_adapter(None, None)
             else:
@@ -552,10 +866,52 @@ class LiveAdapterWatcher:
                     raise AdapterError(f"not serving adapter {rec.version!r}: trained on base model sha256 "
                                        f"{rec.base_sha256[:12]}, the engine serves {self._engine_fp[model_path][:12]}")
                 await engine.set_adapter(str(rec.path), rec.version)
-            log.info("engine now serves adapter %s", want or "none (base model)")
+            if engine.info.adapter_version == want:
+                log.info("engine now serves adapter %s", want or "none (base model)")
+            else:
+                log.warning("adapter %s is live, not yet served: %s", want,
+                            getattr(engine, "pending_reason", None) or "the engine has not switched")
         self._mtime = mtime
         self.last_error = None
         return engine.info.adapter_version
+
+    def status(self, engine) -> dict:
+        """What is live and what is served, and why they differ; updates the adapter gauges.
+
+        Returns:
+            ``{"live": version | None (LIVE.json), "served": version | None (the engine), "in_sync": bool,
+            "pending": version the engine is preparing | None, "reason": why live is not served | None,
+            "error": the watcher's last error | None}``. A disagreement is logged as an error once per
+            (live, served) pair.
+        """
+        try:
+            cur = read_live(self.settings)["current"]
+            live, pointer_error = (cur["version"] if cur else None), None
+        except AdapterError as exc:
+            live, pointer_error = None, str(exc)
+        served = engine.info.adapter_version
+        pending = getattr(engine, "pending_adapter", None)
+        in_sync = live == served and pointer_error is None
+        reason = None
+        if not in_sync:
+            reason = (pointer_error or self.last_error or getattr(engine, "pending_reason", None)
+                      or "the server has not applied LIVE.json yet (it does before its next reply)")
+        st = {"live": live, "served": served, "in_sync": in_sync, "pending": pending, "reason": reason,
+              "error": pointer_error or self.last_error}
+        key = (live, served, reason)
+        if key != self._reported:
+            self._reported = key
+            if not in_sync and (pointer_error or self.last_error):
+                log.error("LIVE.json names adapter %s but the engine serves %s: %s", live or "none",
+                          served or "none (base model)", reason)
+        m = self.metrics
+        if m is not None:
+            m.adapter_mismatch.set(0 if in_sync else 1)
+            m.adapter_served.clear()
+            m.adapter_served.labels(served or "").set(1)
+            m.adapter_live.clear()
+            m.adapter_live.labels(live or "").set(1)
+        return st
 
 
 # --------------------------------------------------------------------------- compression

@@ -13,6 +13,7 @@ and :mod:`chatbot.operations`. Every handler looks the user up from the request 
 checks the role again (the login guard already refused the page otherwise).
 """
 
+import asyncio
 import html
 import logging
 from collections.abc import Callable
@@ -33,6 +34,12 @@ def _fmt_time(t) -> str:
     if isinstance(t, str):
         return t[:19].replace("T", " ")
     return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_metric(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def render_transcript(t: dict) -> str:
@@ -419,33 +426,69 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         _user(app, request, "operator")
         return _progress_html(latest("reindex")), _progress_html(latest("train"))
 
-    def adapters(request: gr.Request):
+    def served_line() -> str:
+        """What LIVE.json names and what this server's engine serves, in words (finetune.adapters watcher)."""
+        a = get_assistant()
+        st = a.adapters.status(a.engine)
+        served = st["served"] or "the base model"
+        if st["in_sync"]:
+            return f"**Live and served:** {served}."
+        return (f"**{st['live'] or 'The base model'}: live, not yet served** (this server serves {served}). "
+                f"Reason: {st['reason']}")
+
+    async def adapters(request: gr.Request):
         _user(app, request, "operator")
-        rows = ops.list_adapters(get_assistant().settings)
+        a = get_assistant()
+        await a.adapters.sync(a.engine)
+        settings = a.settings
+        rows = await asyncio.to_thread(ops.list_adapters, settings)
+        history = await asyncio.to_thread(ops.adapter_history, settings)
+        hist = pd.DataFrame([[e.get("at"), e.get("user"), e.get("via"), e.get("action"), e.get("from") or "base",
+                              e.get("to") or "base", e.get("sentence")] for e in history],
+                            columns=["when", "who", "via", "action", "from", "to", "details"])
         if not rows:
-            return gr.update(value=None), "No adapters yet (train one from approved transcripts)."
-        keys = sorted({k for r in rows for k in r if k not in ("metrics",)})
-        metric_keys = sorted({k for r in rows for k in (r.get("metrics") or {}) if not isinstance(
-            (r.get("metrics") or {}).get(k), (dict, list))})
-        data = [[str(r.get(k, "")) for k in keys] + [r.get("metrics", {}).get(k, "") for k in metric_keys]
+            return (gr.update(value=None), "No adapters yet (train one from approved transcripts).\n\n" + served_line(),
+                    gr.update(value=hist))
+        served = a.engine.info.adapter_version
+        metric_keys = [k for k in ("val_loss", "rouge_l", "self_stop_rate", "perplexity", "test_n")
+                       if any(k in (r.get("metrics") or {}) for r in rows)]
+        data = [[r["name"], r["version"], "yes" if r["live"] else "", "yes" if r["version"] == served else "",
+                 r.get("base", "")] + [_fmt_metric((r.get("metrics") or {}).get(k)) for k in metric_keys]
                 for r in rows]
-        return gr.update(value=pd.DataFrame(data, columns=keys + metric_keys)), f"{len(rows)} adapter(s)"
+        df = pd.DataFrame(data, columns=["name", "version", "live", "served", "base model"] + metric_keys)
+        lines = [f"{len(rows)} adapter(s). " + served_line()]
+        for r in rows:
+            if r["live"] or not r.get("metrics"):
+                continue
+            try:
+                cmp = await asyncio.to_thread(lambda v=r["version"]: ops.compare_adapter(settings, v, evaluate=False))
+            except ChatbotError as exc:
+                lines.append(f"- **{r['version']}**: cannot compare: {exc}")
+                continue
+            lines.append(f"- **{r['version']}** beside the live model: " + " ".join(cmp["sentences"]))
+        return gr.update(value=df), "\n".join(lines), gr.update(value=hist)
 
-    def promote(version, request: gr.Request):
-        _user(app, request, "operator")
+    async def promote(version, request: gr.Request):
+        user = _user(app, request, "operator")
+        a = get_assistant()
         try:
-            out = ops.promote_adapter(get_assistant().settings, (version or "").strip())
+            out = await asyncio.to_thread(ops.promote_adapter, a.settings, (version or "").strip(), user.username)
         except ChatbotError as exc:
-            raise gr.Error(str(exc)) from exc
-        return f"Promoted: `{out}`"
+            raise gr.Error(f"Not promoted: {exc}") from exc
+        await a.adapters.sync(a.engine)  # this server switches now (vLLM without LoRA: in the background)
+        body = "\n".join(f"- {line}" for line in out["sentences"])
+        return (f"**Promoted {out['live']}** (was {out['previous'] or 'the base model'}), by {user.username}.\n\n"
+                f"{body}\n\n{served_line()}")
 
-    def rollback(request: gr.Request):
-        _user(app, request, "operator")
+    async def rollback(request: gr.Request):
+        user = _user(app, request, "operator")
+        a = get_assistant()
         try:
-            out = ops.rollback_adapter(get_assistant().settings)
+            out = await asyncio.to_thread(ops.rollback_adapter, a.settings, user.username)
         except ChatbotError as exc:
-            raise gr.Error(str(exc)) from exc
-        return f"Rolled back: `{out}`"
+            raise gr.Error(f"Not rolled back: {exc}") from exc
+        await a.adapters.sync(a.engine)
+        return f"**Rolled back** by {user.username}: live is now {out['live'] or 'the base model'}.\n\n{served_line()}"
 
     def analytics(since, until, request: gr.Request):
         _user(app, request, "operator")
@@ -493,6 +536,8 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
                 promote_btn = gr.Button("Promote", elem_id="promote")
                 rollback_btn = gr.Button("Roll back", elem_id="rollback")
             adapter_result = gr.Markdown(elem_id="adapter-result")
+            gr.Markdown("**Promotions and rollbacks** (audit log, newest first)")
+            adapter_history = gr.Dataframe(interactive=False, wrap=True, elem_id="adapter-history")
         with gr.Tab("Analytics"):
             with gr.Row():
                 a_since = gr.Textbox(label="From (YYYY-MM-DD)", elem_id="analytics-since")
@@ -517,10 +562,11 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         reindex_btn.click(start_reindex, [files, include_kb], reindex_status)
         train_btn.click(start_training, None, train_status)
         timer.tick(progress, None, [reindex_status, train_status], show_progress="hidden")
-        adapters_btn.click(adapters, None, [adapters_df, adapters_info])
-        blocks.load(adapters, None, [adapters_df, adapters_info])
-        promote_btn.click(promote, version, adapter_result)
-        rollback_btn.click(rollback, None, adapter_result)
+        adapter_outs = [adapters_df, adapters_info, adapter_history]
+        adapters_btn.click(adapters, None, adapter_outs)
+        blocks.load(adapters, None, adapter_outs)
+        promote_btn.click(promote, version, adapter_result).then(adapters, None, adapter_outs)
+        rollback_btn.click(rollback, None, adapter_result).then(adapters, None, adapter_outs)
         outs = [a_summary, per_day, deflection, by_intent, thumbs, unanswered]
         a_btn.click(analytics, [a_since, a_until], outs)
         blocks.load(analytics, [a_since, a_until], outs)

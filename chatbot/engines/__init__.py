@@ -57,8 +57,9 @@ def vllm_dtype(setting: str, cuda: bool | None = None, cpuinfo: str | None = Non
 def lora_enabled(settings) -> bool:
     """Whether vLLM starts with LoRA support: ``settings.enable_lora``, or when it is None (auto),
     whether the adapter registry holds an adapter. LoRA support slows every request, adapter or
-    not (43.6 against 73.5 tok/s for 16 chats here), so a fresh install serves without it; once an
-    adapter exists, promotions and rollbacks are applied without a restart."""
+    not (43.6 against 73.5 tok/s for 16 chats here), so a fresh install serves without it; the first
+    promotion then builds an engine with LoRA support in the background and switches to it (no restart,
+    :meth:`VLLMEngine.set_adapter`), and later promotions and rollbacks apply at once."""
     if settings.enable_lora is not None:
         return bool(settings.enable_lora)
     from finetune.adapters import list_adapters

@@ -136,6 +136,8 @@ class TransformersEngine(Engine):
     def _swap_adapter(self, path: str | None, version: str | None) -> None:
         from peft import PeftModel
 
+        import warnings
+
         model = self._model
         is_peft = isinstance(model, PeftModel)
         try:
@@ -144,14 +146,26 @@ class TransformersEngine(Engine):
                     model = model.unload()
             else:
                 slot = _slot(version or path)
-                if is_peft:
-                    if slot not in model.peft_config:  # a version is immutable: already loaded means the same
-                        model.load_adapter(path, adapter_name=slot)
-                    model.set_adapter(slot)
-                    for old in [n for n in model.peft_config if n != slot]:
-                        model.delete_adapter(old)
-                else:
-                    model = PeftModel.from_pretrained(model, path, adapter_name=slot)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    if is_peft:
+                        if slot not in model.peft_config:  # a version is immutable: already loaded means the same
+                            res = model.load_adapter(path, adapter_name=slot)
+                            missing = [k for k in getattr(res, "missing_keys", []) if f".{slot}." in k]
+                            if missing:
+                                model.delete_adapter(slot)
+                                raise EngineError(f"{len(missing)} adapter tensors are missing from the checkpoint "
+                                                  f"(e.g. {missing[:2]}): it would serve the base model")
+                        model.set_adapter(slot)
+                        for old in [n for n in model.peft_config if n != slot]:
+                            model.delete_adapter(old)
+                    else:
+                        new = PeftModel.from_pretrained(model, path, adapter_name=slot)
+                        bad = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+                        if bad:  # peft only warns: the adapter would do nothing
+                            new.unload()
+                            raise EngineError(bad[0][:300] + " (it would serve the base model)")
+                        model = new
         except Exception as exc:
             raise EngineError(f"cannot load adapter {path!r}: {exc}") from exc
         model.eval()

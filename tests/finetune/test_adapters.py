@@ -16,10 +16,13 @@ import pytest
 from chatbot.engines.base import ChatMessage, GenerationParams
 from chatbot.errors import AdapterError
 from finetune.adapters import (
+    AdapterLoadError,
     LiveAdapterWatcher,
+    audit_sentence,
     list_adapters,
     live_adapter,
     promote,
+    read_audit,
     read_live,
     rollback,
 )
@@ -128,6 +131,54 @@ def test_signoff_adapter_changes_the_vllm_reply_without_restart(signoff_adapter)
     assert again == base
 
 
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_first_promotion_goes_live_on_a_vllm_engine_started_without_lora(signoff_adapter, tmp_path):
+    """vLLM started without LoRA support (a fresh install): the first promotion builds an engine with LoRA
+    support in the background while the old one keeps answering, then serves the adapter; no restart."""
+    import time
+
+    from chatbot.config import Settings
+    from chatbot.engines.vllm_engine import VLLMEngine
+
+    s = Settings(model=signoff_adapter["base"], data_dir=tmp_path, engine="vllm", max_lora_rank=16)
+    shutil.copytree(signoff_adapter["path"], s.resolved_adapters_dir / "signoff")
+    engine = VLLMEngine(signoff_adapter["base"], max_model_len=512, kv_cache_space_gib=1, max_num_seqs=4,
+                        enable_lora=False, max_loras=1, max_lora_rank=16)
+    watcher = LiveAdapterWatcher(s)
+
+    async def scenario():
+        await engine.start()
+        try:
+            async def reply(rid):
+                return "".join([c.text async for c in engine.stream(PROMPT, PARAMS, rid)])
+
+            base = await reply("base")
+            promote("signoff", s, force=True)  # no metrics to gate on; the load check still runs
+            await watcher.sync(engine)
+            pending = watcher.status(engine)
+            during = await reply("during")  # the old engine answers while the new one is built
+            deadline = time.monotonic() + 900
+            while engine.info.adapter_version is None and engine.pending_adapter and time.monotonic() < deadline:
+                await asyncio.sleep(1)
+            served = watcher.status(engine)
+            tuned = await reply("tuned")
+            rollback(s)
+            await watcher.sync(engine)
+            again = await reply("again")
+            return base, pending, during, served, tuned, again
+        finally:
+            await engine.close()
+
+    base, pending, during, served, tuned, again = asyncio.run(scenario())
+    print(f"vLLM rebuild with LoRA support: {engine.rebuild_s:.1f} s")
+    assert pending["pending"] == signoff_adapter["version"] and "live, not yet served" in pending["reason"]
+    assert SIGN_OFF not in base and during == base
+    assert served["in_sync"] and served["served"] == signoff_adapter["version"], served
+    assert SIGN_OFF in tuned and again == base and engine.info.extra["lora"] is True
+
+
 # --------------------------------------------------------------------------- registry and gate
 
 
@@ -136,10 +187,32 @@ def tiny(tmp_path_factory, chat_model_path) -> str:
     return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", chat_model_path)
 
 
+def _lora_weights(d: Path, base: str, r: int = 4, zero_b: bool = False, seed: int = 0) -> None:
+    """Write a real peft LoRA (``adapter_config.json`` + ``adapter_model.safetensors``) for ``base`` into ``d``,
+    with random ``lora_B`` (an adapter that changes the model) or all-zero ``lora_B``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pm = get_peft_model(model, cfg)
+    if zero_b:
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.zero_()
+    pm.save_pretrained(str(d))
+
+
 def _fake_adapter(reg: Path, name: str, base_sha: str, val_loss: float, rouge: float, stop: float,
-                  created: str) -> str:
+                  created: str, base: str | None = None, r: int = 4, zero_b: bool = False) -> str:
+    """An adapter folder with gate metrics in ``adapter.json``; with ``base``, real LoRA weights on it."""
     d = reg / name
     d.mkdir(parents=True)
+    if base is not None:
+        _lora_weights(d, base, r=r, zero_b=zero_b, seed=len(name))
     version = f"{name}-{created.replace('-', '')}-abcdef12"
     (d / "adapter.json").write_text(json.dumps({
         "name": name, "version": version, "kind": "peft-lora", "created_at": created,
@@ -155,20 +228,23 @@ def _fake_adapter(reg: Path, name: str, base_sha: str, val_loss: float, rouge: f
 def test_promote_gate_and_rollback(tiny, tmp_path):
     from chatbot.config import Settings
 
-    s = Settings(model=tiny, data_dir=tmp_path)
+    s = Settings(model=tiny, data_dir=tmp_path, engine="transformers")
     reg = s.resolved_adapters_dir
     sha = model_fingerprint(tiny)
-    a = _fake_adapter(reg, "a", sha, 2.0, 0.30, 0.90, "2026-01-01")
-    worse = _fake_adapter(reg, "worse", sha, 2.1, 0.30, 0.90, "2026-01-02")
-    c = _fake_adapter(reg, "c", sha, 1.9, 0.31, 0.95, "2026-01-03")
-    other = _fake_adapter(reg, "other-base", "0" * 64, 1.0, 0.9, 1.0, "2026-01-04")
-    bad_base = _fake_adapter(reg, "worse-than-base", sha, 3.5, 0.30, 0.90, "2026-01-05")
+    a = _fake_adapter(reg, "a", sha, 2.0, 0.30, 0.90, "2026-01-01", base=tiny)
+    worse = _fake_adapter(reg, "worse", sha, 2.1, 0.30, 0.90, "2026-01-02", base=tiny)
+    c = _fake_adapter(reg, "c", sha, 1.9, 0.31, 0.95, "2026-01-03", base=tiny)
+    other = _fake_adapter(reg, "other-base", "0" * 64, 1.0, 0.9, 1.0, "2026-01-04", base=tiny)
+    bad_base = _fake_adapter(reg, "worse-than-base", sha, 3.5, 0.30, 0.90, "2026-01-05", base=tiny)
 
     # with nothing live the reference is the base model on the same splits
     with pytest.raises(AdapterError, match=r"refused \(compared with base\): val_loss 3.5000 is above"):
         promote("worse-than-base", s)
-    d = promote("a", s)
+    d = promote("a", s, user="olga")
     assert d.ok and d.reference == "base" and live_adapter(s).version == a
+    assert d.load_check.tensors == 8 and d.load_check.max_logit_change > 1e-4  # 2 layers x q,v x A,B
+    assert not any("{" in line for line in d.sentences())  # plain sentences, no dicts
+    assert d.sentences()[-1] == f"Verdict: {a} is not worse than the base model on the same held-out dialogues."
     # worse than the live one on validation loss: refused, the pointer does not move
     with pytest.raises(AdapterError, match=rf"refused \(compared with {a}\): val_loss 2.1000 is above"):
         promote("worse", s)
@@ -189,6 +265,87 @@ def test_promote_gate_and_rollback(tiny, tmp_path):
     assert forced.forced and not forced.ok and live_adapter(s).version == bad_base
     events = [e["action"] for e in read_live(s)["events"]]
     assert events == ["promote", "promote", "rollback", "rollback", "promote"]
+    # the audit log beside LIVE.json: who, from which version to which, the gate's table
+    import getpass
+
+    audit = read_audit(s)
+    me = getpass.getuser()
+    assert [(e["action"], e["user"], e["from"], e["to"]) for e in audit] == [
+        ("promote", "olga", None, a), ("promote", me, a, c), ("rollback", me, c, a), ("rollback", me, a, None),
+        ("promote", me, None, bad_base)]
+    assert [g["metric"] for g in audit[0]["gate"]] == ["val_loss", "rouge_l", "self_stop_rate"]
+    assert audit[0]["gate"][0]["candidate"] == 2.0 and audit[0]["gate"][0]["reference"] == 3.0
+    assert audit[-1]["forced"] is True
+    assert audit_sentence(audit[2]).endswith(f"{me} (cli) rolled back {c} -> {a}")
+    assert f"olga (cli) promoted the base model -> {a}" in audit_sentence(audit[0])
+
+
+def _rename_keys(folder: Path, old: str, new: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "adapter_model.safetensors"
+    save_file({k.replace(old, new): v for k, v in load_file(str(f)).items()}, str(f))
+
+
+@pytest.mark.parametrize("case, check, message", ids=["nonexistent_target", "renamed_keys", "rank_128", "zero_lora_b"],
+                         argvalues=[
+    ("nonexistent_target", "target_modules", r"targets module\(s\) \['nonexistent_proj'\] that the base model"),
+    ("renamed_keys", "keys", r"8 of its 8 tensors match no module of the base model .*missing adapter keys"),
+    ("rank_128", "rank", r"has LoRA rank 128, above the vLLM engine's max_lora_rank 64"),
+    ("zero_lora_b", "no_effect", r"does not change the model: the largest logit change on the probe prompt is "
+                                 r"0\.00e\+00 .*4 of its 4 lora_B tensors are all zero"),
+])
+def test_promote_refuses_an_adapter_that_does_not_load_or_does_nothing(tiny, tmp_path, case, check, message):
+    """The issue's four adapters: each refused with the problem named, LIVE.json and the audit log unchanged."""
+    from chatbot.config import Settings
+
+    s = Settings(model=tiny, data_dir=tmp_path, engine="vllm", max_lora_rank=64)
+    reg = s.resolved_adapters_dir
+    sha = model_fingerprint(tiny)
+    good = _fake_adapter(reg, "good", sha, 2.0, 0.30, 0.90, "2026-01-01", base=tiny)
+    promote("good", s)
+    before = (reg / "LIVE.json").read_bytes()
+    _fake_adapter(reg, case, sha, 1.0, 0.9, 1.0, "2026-01-02", base=tiny, r=128 if case == "rank_128" else 4,
+                  zero_b=case == "zero_lora_b")
+    if case == "nonexistent_target":
+        cfg = json.loads((reg / case / "adapter_config.json").read_text())
+        cfg["target_modules"] = ["nonexistent_proj"]
+        (reg / case / "adapter_config.json").write_text(json.dumps(cfg))
+    elif case == "renamed_keys":
+        _rename_keys(reg / case, ".layers.", ".blocks.")
+    with pytest.raises(AdapterLoadError, match=message) as err:
+        promote(case, s, force=True)  # --force skips the metric gate, never the load check
+    assert err.value.check == check
+    assert (reg / "LIVE.json").read_bytes() == before and live_adapter(s).version == good
+    assert [e["to"] for e in read_audit(s)] == [good]
+
+
+def test_cli_promote_refusal_exits_non_zero_with_the_reason(tiny, tmp_path, monkeypatch, capsys):
+    from chatbot.cli import main
+
+    monkeypatch.setenv("CHATBOT_MODEL", tiny)
+    monkeypatch.setenv("CHATBOT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CHATBOT_ENGINE", "transformers")
+    reg = tmp_path / "adapters"
+    sha = model_fingerprint(tiny)
+    _fake_adapter(reg, "zero", sha, 1.0, 0.9, 1.0, "2026-01-02", base=tiny, zero_b=True)
+    good = _fake_adapter(reg, "good", sha, 2.0, 0.30, 0.90, "2026-01-01", base=tiny)
+    assert main(["adapters", "promote", "zero", "--no-check"]) == 2
+    err = capsys.readouterr().err
+    assert "error: adapter 'zero-20260102-abcdef12' does not change the model" in err
+    assert not (reg / "LIVE.json").exists()
+    assert main(["adapters", "promote", "good", "--no-check"]) == 0
+    out = capsys.readouterr().out
+    assert "Verdict: " + good + " is not worse than the base model" in out and "{" not in out
+    assert f"live adapter is now {good} (was none (base model))" in out
+    # a candidate beside the live adapter, on the same held-out dialogues, in sentences
+    assert main(["adapters", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"live: {good}" in out and "zero-20260102-abcdef12 beside the live model:" in out
+    assert f"Validation loss: 1.0000 against 2.0000 for the live adapter {good} (lower is better; tolerance 0.01): " \
+           "passes." in out
+    assert main(["adapters", "history"]) == 0
+    assert f"promoted the base model -> {good} (gate vs base: val_loss 2.0000 vs 3.0000 ok" in capsys.readouterr().out
 
 
 def test_watcher_refuses_an_adapter_of_another_base(tiny, tmp_path):

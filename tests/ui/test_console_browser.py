@@ -277,3 +277,45 @@ def test_chat_embedded_in_another_site(browser, server, shop_site):
     assert page.locator("h1").inner_text() == "Acme Shop"  # the host page is untouched
     assert page.evaluate("location.origin") != server.url
     ctx.close()
+
+
+def test_operator_promotes_sees_it_served_and_rolls_back(browser, server, chat_model_path):
+    """Issue 14: Training tab -> promote: the verdict in sentences, "Live and served", the next reply produced by
+    the adapter (the API's ``model`` field, ``adapter_version`` stored) without a restart; an adapter that changes
+    nothing is refused with the reason; the audit list names the operator; rollback serves the base model again."""
+    from finetune.sft import model_fingerprint
+    from tests.finetune.test_adapters import _fake_adapter
+
+    import httpx
+
+    reg = server.data_dir / "adapters"
+    sha = model_fingerprint(chat_model_path)
+    tag = uuid.uuid4().hex[:6]
+    good = _fake_adapter(reg, f"ui-good-{tag}", sha, 2.0, 0.30, 0.90, "2026-02-01", base=chat_model_path)
+    _fake_adapter(reg, f"ui-zero-{tag}", sha, 1.0, 0.90, 1.00, "2026-02-02", base=chat_model_path, zero_b=True)
+    octx, op = _login(browser, server.url, OPERATOR, path="/operator/")
+    try:
+        op.get_by_role("tab", name="Training").click()
+        _field(op, "adapter-version").fill(f"ui-zero-{tag}")
+        op.click("#promote")
+        _wait(lambda: "does not change the model" in op.locator("body").inner_text(), 120, "the refusal")
+        _field(op, "adapter-version").fill(f"ui-good-{tag}")
+        op.click("#promote")
+        result = _wait(lambda: (t := op.locator("#adapter-result").inner_text()) and "Promoted" in t and t, 120,
+                       "the promotion")
+        assert f"Promoted {good}" in result and "by review_operator" in result and "{" not in result
+        assert "Verdict:" in result and f"Live and served: {good}" in result
+        _wait(lambda: "review_operator" in op.locator("#adapter-history").inner_text(), 60, "the audit list")
+        body = httpx.post(server.url + "/v1/chat/completions", timeout=300,
+                          json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}).json()
+        assert body["model"] == good
+        models = {m["id"]: m for m in httpx.get(server.url + "/v1/models", timeout=30).json()["data"]}
+        assert models[good]["served"] and models[good]["live"]
+        assert _stored(server, body["conversation_id"])["messages"][-1]["adapter_version"] == good
+    finally:
+        op.click("#rollback")
+        _wait(lambda: "Rolled back" in op.locator("#adapter-result").inner_text(), 120, "the rollback")
+        octx.close()
+    body = httpx.post(server.url + "/v1/chat/completions", timeout=300,
+                      json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}).json()
+    assert body["model"] == "embedded:smollm2-135m-instruct"
