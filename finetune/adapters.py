@@ -28,6 +28,7 @@ dialogues it is re-evaluated on the candidate's, and the result is cached in its
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -166,6 +167,17 @@ def read_live(settings) -> dict:
 
 def _write_live(settings, state: dict) -> None:
     _atomic_write(settings.resolved_adapters_dir / LIVE, state)
+
+
+@contextlib.contextmanager
+def _live_lock(settings):
+    """Hold an exclusive ``flock`` on ``<registry>/.live.lock``: promotions and rollbacks read, change and write
+    ``LIVE.json`` one at a time, also from several servers sharing the registry (a lost history entry otherwise)."""
+    reg = settings.resolved_adapters_dir
+    reg.mkdir(parents=True, exist_ok=True)
+    with open(reg / ".live.lock", "a+") as f:  # closing the file releases the lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def resolve_adapter(ref: str | Path, settings) -> AdapterRecord:
@@ -688,18 +700,23 @@ def promote(ref: str | Path, settings, force: bool = False, user: str | None = N
                             previous=live.version if live else None)
     if not ok and not force:
         raise AdapterError(f"promotion of {cand.version!r} refused (compared with {ref_name}): " + "; ".join(reasons))
-    state = read_live(settings)
-    if state["current"]:
-        state["history"].append(state["current"])
-    state["current"] = cand.entry()
-    who = _who(user)
-    state["current"]["promoted_by"] = who
-    state["events"].append({"action": "promote", "version": cand.version, "reference": ref_name, "ok": ok,
-                            "forced": decision.forced, "at": state["current"]["promoted_at"], "user": who})
-    _write_live(settings, state)
-    append_audit(settings, {"at": state["current"]["promoted_at"], "action": "promote", "user": who, "via": via,
-                            "from": decision.previous, "to": cand.version, "reference": ref_name, "ok": ok,
-                            "forced": decision.forced, "gate": decision.table(), "load_check": load.as_dict()})
+    with _live_lock(settings):
+        state = read_live(settings)
+        now_live = state["current"] and state["current"].get("version")
+        if now_live != decision.previous:
+            raise AdapterError(f"promotion of {cand.version!r} refused: the live adapter changed to {now_live!r} "
+                               f"while it was being checked against {decision.previous!r}; promote it again")
+        if state["current"]:
+            state["history"].append(state["current"])
+        state["current"] = cand.entry()
+        who = _who(user)
+        state["current"]["promoted_by"] = who
+        state["events"].append({"action": "promote", "version": cand.version, "reference": ref_name, "ok": ok,
+                                "forced": decision.forced, "at": state["current"]["promoted_at"], "user": who})
+        _write_live(settings, state)
+        append_audit(settings, {"at": state["current"]["promoted_at"], "action": "promote", "user": who, "via": via,
+                                "from": decision.previous, "to": cand.version, "reference": ref_name, "ok": ok,
+                                "forced": decision.forced, "gate": decision.table(), "load_check": load.as_dict()})
     cand.live = True
     log.info("%s promoted %s (compared with %s)", who, cand.version, ref_name)
     return decision
@@ -718,18 +735,19 @@ def rollback(settings, user: str | None = None, via: str = "cli") -> AdapterReco
     Raises:
         AdapterError: nothing to roll back (no adapter is live and there is no history).
     """
-    state = read_live(settings)
-    if not state["current"] and not state["history"]:
-        raise AdapterError("nothing to roll back: no adapter is live and no earlier one is recorded")
-    undone = state["current"]
-    state["current"] = state["history"].pop() if state["history"] else None
-    now = state["current"]
-    who, at = _who(user), _now()
-    state["events"].append({"action": "rollback", "from": undone and undone["version"],
-                            "version": now and now["version"], "at": at, "user": who})
-    _write_live(settings, state)
-    append_audit(settings, {"at": at, "action": "rollback", "user": who, "via": via,
-                            "from": undone and undone["version"], "to": now and now["version"]})
+    with _live_lock(settings):
+        state = read_live(settings)
+        if not state["current"] and not state["history"]:
+            raise AdapterError("nothing to roll back: no adapter is live and no earlier one is recorded")
+        undone = state["current"]
+        state["current"] = state["history"].pop() if state["history"] else None
+        now = state["current"]
+        who, at = _who(user), _now()
+        state["events"].append({"action": "rollback", "from": undone and undone["version"],
+                                "version": now and now["version"], "at": at, "user": who})
+        _write_live(settings, state)
+        append_audit(settings, {"at": at, "action": "rollback", "user": who, "via": via,
+                                "from": undone and undone["version"], "to": now and now["version"]})
     log.info("%s rolled back %s; live: %s", who, undone and undone["version"], now and now["version"])
     return live_adapter(settings)
 

@@ -280,6 +280,34 @@ def test_promote_gate_and_rollback(tiny, tmp_path):
     assert f"olga (cli) promoted the base model -> {a}" in audit_sentence(audit[0])
 
 
+def test_a_promotion_that_raced_another_is_refused_and_loses_no_history(tiny, tmp_path, monkeypatch):
+    """Two operators (or two servers on one registry) promote at once: the one whose checks ran against a live
+    adapter that has since changed is refused, and LIVE.json keeps both earlier versions in its history."""
+    import finetune.adapters as adapters
+    from chatbot.config import Settings
+
+    s = Settings(model=tiny, data_dir=tmp_path, engine="transformers")
+    reg = s.resolved_adapters_dir
+    sha = model_fingerprint(tiny)
+    a = _fake_adapter(reg, "a", sha, 2.0, 0.30, 0.90, "2026-01-01", base=tiny)
+    b = _fake_adapter(reg, "b", sha, 1.9, 0.30, 0.90, "2026-01-02", base=tiny)
+    c = _fake_adapter(reg, "c", sha, 1.8, 0.30, 0.90, "2026-01-03", base=tiny)
+    promote("a", s)
+    real_check = adapters.check_adapter_loads
+
+    def check_while_another_promotes(rec, settings):
+        if rec.version == b:  # the other operator's promotion of c lands while b is being checked
+            promote("c", settings)
+        return real_check(rec, settings)
+
+    monkeypatch.setattr(adapters, "check_adapter_loads", check_while_another_promotes)
+    with pytest.raises(AdapterError, match=rf"live adapter changed to '{c}' while it was being checked against '{a}'"):
+        promote("b", s)
+    state = read_live(s)
+    assert state["current"]["version"] == c and [h["version"] for h in state["history"]] == [a]
+    assert [(e["from"], e["to"]) for e in read_audit(s)] == [(None, a), (a, c)]
+
+
 def _rename_keys(folder: Path, old: str, new: str) -> None:
     from safetensors.torch import load_file, save_file
 
