@@ -360,13 +360,38 @@ def build_console_ui(get_assistant: Callable[[], object], app):
     return blocks
 
 
+def train_run_html(run: dict | None) -> str:
+    """HTML table of a training run (``adapter.json`` ``run``): examples per split and where the evaluation
+    came from, optimizer steps, epochs, learning rate, warm-up, time, whether the adapter changes the model."""
+    if not run:
+        return ""
+    c = run.get("examples") or {}
+    ev = run.get("evaluation") or {}
+    source = "fixed reference set (all conversations train)" if ev.get("kind") == "reference" else "held out"
+    steps = str(run.get("steps"))
+    if run.get("raised_to_min_steps"):
+        steps += f" (raised to the minimum {run.get('min_steps')})"
+    lo, hi = run.get("step_learning_rate_min"), run.get("step_learning_rate_max")
+    rows = [("training conversations", c.get("train")), ("validation dialogues", c.get("validation")),
+            ("test dialogues", c.get("test")), ("evaluated on", source), ("optimizer steps", steps),
+            ("epochs", f"{run.get('epochs') or 0:.1f}"), ("learning rate", f"{run.get('learning_rate'):g}"),
+            ("warm-up steps", run.get("warmup_steps")),
+            ("step learning rates", "-" if lo is None else f"{lo:.2e} to {hi:.2e}"),
+            ("time", f"{run.get('train_seconds', 0):.1f} s training, {run.get('total_seconds', 0):.1f} s in all"),
+            ("changes the model", {True: "yes", False: "NO: every lora_B is zero, it cannot be promoted",
+                                   None: "-"}[run.get("changes_model")])]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f'<table id="train-run" class="train-run">{body}</table>'
+
+
 def _progress_html(job: dict | None) -> str:
     if not job:
         return "<p>No job yet.</p>"
     pct = int(round(job["progress"] * 100))
+    run = (job.get("result") or {}).get("run") if job["status"] == "done" else None
     return (f'<div id="job-{job["kind"]}" data-status="{job["status"]}"><progress max="100" value="{pct}">'
             f"{pct}%</progress> <b>{pct}%</b> · {html.escape(job['status'])} · {job['elapsed_s']} s<br>"
-            f"<small>{html.escape(job['message'] or '')}</small></div>")
+            f"<small>{html.escape(job['message'] or '')}</small>{train_run_html(run)}</div>")
 
 
 def build_operator_ui(get_assistant: Callable[[], object], app):
@@ -409,6 +434,7 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         user = _user(app, request, "operator")
         a = get_assistant()
         try:
+            ops.check_trainable(a.store, a.settings)  # refuse at once rather than in a failed job
             job = jobs().start("train", lambda report: ops.train_from_approved(a.store, a.settings, report),
                                user.username)
         except ChatbotError as exc:
