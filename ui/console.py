@@ -23,8 +23,17 @@ from ui.chat import escape_markdown, format_sources
 
 log = logging.getLogger(__name__)
 
-RESULT_HEADERS = ["id", "started (UTC)", "status", "channel", "messages", "intents", "up", "down", "first message"]
+RESULT_HEADERS = ["id", "started (UTC)", "status", "channel", "messages", "intents", "up", "down", "approved",
+                  "first message"]
+#: Column widths of the search results: wide enough that no header breaks inside a word.
+RESULT_WIDTHS = ["150px", "170px", "90px", "90px", "100px", "160px", "60px", "70px", "100px", "320px"]
 QUEUE_HEADERS = ["conversation", "waiting since (UTC)", "reason", "intent", "status", "assigned to", "last message"]
+QUEUE_WIDTHS = ["150px", "180px", "150px", "140px", "90px", "120px", "320px"]
+#: Links that export every conversation with an approved reply (one click each).
+APPROVED_EXPORT_HTML = (
+    '<p>All approved conversations: <a id="export-approved-jsonl" href="/console/api/export?approved_only=true&amp;'
+    'format=jsonl" download>JSONL (chat SFT)</a> · <a id="export-approved-csv" href="/console/api/export?'
+    'approved_only=true&amp;format=csv" download>CSV</a></p>')
 
 
 def _fmt_time(t) -> str:
@@ -63,6 +72,8 @@ def render_transcript(t: dict) -> str:
         if m["role"] == "assistant":
             if m.get("answer_kind"):
                 meta.append(f"answer {m['answer_kind']}")
+            if m.get("finish_reason") == "length":
+                meta.append("✂️ cut at the token limit (finish_reason length)")
             if m.get("citations"):
                 meta.append("sources " + "; ".join(f"[{x['number']}] {x['title']} ({x['doc_id']}, {x['score']})"
                                                    for x in m["citations"]))
@@ -154,17 +165,20 @@ def build_console_ui(get_assistant: Callable[[], object], app):
     def store():
         return get_assistant().store
 
-    def search(q, since, until, intent, status, feedback, request: gr.Request):
+    def search(q, since, until, intent, status, feedback, approved_only, request: gr.Request):
+        """The results, their count and ids; the open transcript and its review fields are cleared."""
         _user(app, request)
+        approved_flag = {"approved": True, "not approved": False}.get(approved_only or "")
         try:
             rows = store().search_conversations(q or None, parse_day(since, "since"),
                                                 parse_day(until, "until", end=True), intent or None,
-                                                status or None, feedback or None, limit=200)
+                                                status or None, feedback or None, limit=200, approved=approved_flag)
         except ChatbotError as exc:
             raise gr.Error(str(exc)) from exc
         data = [[r["id"], _fmt_time(r["started_at"]), r["status"], r["channel"], r["messages"],
-                 ", ".join(r["intents"]), r["up"], r["down"], r["preview"]] for r in rows]
-        return gr.update(value=data or None), f"{len(rows)} conversation(s)", [r["id"] for r in rows]
+                 ", ".join(r["intents"]), r["up"], r["down"], r.get("approved", 0), r["preview"]] for r in rows]
+        cleared = ("", "", gr.update(choices=[], value=None), "", False, "")
+        return (gr.update(value=data or None), f"{len(rows)} conversation(s)", [r["id"] for r in rows], *cleared)
 
     def open_conversation(cid, request: gr.Request):
         _user(app, request)
@@ -298,9 +312,12 @@ def build_console_ui(get_assistant: Callable[[], object], app):
                                      elem_id="search-status")
                 feedback = gr.Dropdown(["", "up", "down", "any", "none"], value="", label="Feedback",
                                        elem_id="search-feedback")
+                approved_filter = gr.Dropdown(["", "approved", "not approved"], value="", label="Review",
+                                              elem_id="search-approved")
                 search_btn = gr.Button("Search", variant="primary", elem_id="search")
             found = gr.Markdown(elem_id="search-count")
-            results = gr.Dataframe(headers=RESULT_HEADERS, interactive=False, wrap=True, elem_id="results")
+            results = gr.Dataframe(headers=RESULT_HEADERS, interactive=False, wrap=True, column_widths=RESULT_WIDTHS,
+                                   elem_id="results")
             result_ids = gr.State([])
             with gr.Row():
                 cid = gr.Textbox(label="Conversation id", elem_id="conv-id", scale=3)
@@ -318,11 +335,13 @@ def build_console_ui(get_assistant: Callable[[], object], app):
                     add_btn = gr.Button("Add to export", elem_id="add-export")
                     add_all_btn = gr.Button("Add all results", elem_id="add-all-export")
                 links = gr.HTML(export_links(""), elem_id="export-links")
+                gr.HTML(APPROVED_EXPORT_HTML, elem_id="export-approved")
         with gr.Tab("Handoff queue"):
             with gr.Row():
                 refresh = gr.Button("Refresh", elem_id="queue-refresh")
                 queue_count = gr.Markdown(elem_id="queue-count")
-            queue_df = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, elem_id="queue")
+            queue_df = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, column_widths=QUEUE_WIDTHS,
+                                    elem_id="queue")
             hcid = gr.Textbox(label="Conversation id", elem_id="handoff-conv")
             with gr.Row():
                 take_btn = gr.Button("Take", variant="primary", elem_id="take")
@@ -335,9 +354,10 @@ def build_console_ui(get_assistant: Callable[[], object], app):
             queue_timer = gr.Timer(5.0)
 
         blocks.load(header_text, None, header)
-        filters = [q, since, until, intent, status, feedback]
-        search_btn.click(search, filters, [results, found, result_ids])
-        q.submit(search, filters, [results, found, result_ids])
+        filters = [q, since, until, intent, status, feedback, approved_filter]
+        search_outputs = [results, found, result_ids, cid, transcript, reply_pick, corrected, approved, saved]
+        search_btn.click(search, filters, search_outputs)
+        q.submit(search, filters, search_outputs)
         results.select(select_row, results, cid).then(open_conversation, cid, [transcript, reply_pick, corrected,
                                                                                approved])
         open_btn.click(open_conversation, cid, [transcript, reply_pick, corrected, approved])
@@ -358,6 +378,11 @@ def build_console_ui(get_assistant: Callable[[], object], app):
         back_btn.click(hand_back, hcid, [htranscript, hstatus])
         close_btn.click(close_conv, hcid, [htranscript, hstatus])
     return blocks
+
+
+def intent_chart_height(intents: int) -> int:
+    """Pixel height of the horizontal handoff-by-intent chart: 24 px a bar plus room for the axis and title."""
+    return max(240, 24 * intents + 110)
 
 
 def train_run_html(run: dict | None) -> str:
@@ -496,7 +521,8 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         summary = (f"**{a['conversations']}** conversations · **{a['handed_off']}** handed off · deflection "
                    f"**{pct(a['deflection'])}** · thumbs up **{pct(a['thumbs_up_rate'])}** "
                    f"({a['thumbs_up']} up, {a['thumbs_down']} down)")
-        return (summary, days[["day", "conversations"]], days[["day", "deflection"]], by_intent[["intent", "rate"]],
+        intent_plot = gr.update(value=by_intent[["intent", "rate"]], height=intent_chart_height(len(by_intent)))
+        return (summary, days[["day", "conversations"]], days[["day", "deflection"]], intent_plot,
                 rated_days[["day", "thumbs_up_rate"]], unanswered)
 
     with gr.Blocks(title="Operator console", analytics_enabled=False) as blocks:
@@ -531,8 +557,9 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
                 deflection = gr.BarPlot(x="day", y="deflection", title="Resolved without handoff (deflection)",
                                         y_lim=[0, 1], elem_id="plot-deflection")
             with gr.Row():
-                by_intent = gr.BarPlot(x="intent", y="rate", title="Handoff rate by intent", y_lim=[0, 1],
-                                       elem_id="plot-handoff-intent")
+                # horizontal bars: one row per intent, so 30 intent names stay readable
+                by_intent = gr.BarPlot(x="rate", y="intent", title="Handoff rate by intent", x_lim=[0, 1],
+                                       height=intent_chart_height(0), elem_id="plot-handoff-intent")
                 thumbs = gr.BarPlot(x="day", y="thumbs_up_rate", title="Thumbs-up rate", y_lim=[0, 1],
                                     elem_id="plot-thumbs")
             unanswered = gr.Dataframe(headers=["question", "count"], interactive=False, wrap=True,
