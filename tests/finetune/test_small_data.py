@@ -135,3 +135,22 @@ def test_summary_says_an_unchanged_adapter_cannot_be_promoted():
     assert text.startswith("split 8 train / 1 validation / 1 test conversation(s); 1 optimizer step(s)")
     assert text.endswith("leaves the model unchanged (every lora_B matrix is zero): it cannot be promoted.")
 
+
+
+@pytest.mark.slow
+def test_cli_train_prints_the_run_and_refuses_too_little_data(tiny, tmp_path, capsys):
+    from chatbot.cli import main
+    from finetune.data import write_jsonl
+
+    data = write_jsonl(toy_dialogues(4), tmp_path / "approved.jsonl")
+    rc = main(["train", "--data", str(data), "--out", str(tmp_path / "a"), "--base-model", tiny, "--eval-replies",
+               "2", "--eval-max-new-tokens", "4", "--min-steps", "6"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "all 4 conversation(s) used for training" in out and "27 validation, 14 test dialogues" in out
+    assert "6 optimizer step(s) (raised to min_steps 6), 6.0 epoch(s), learning rate 0.0002" in out
+    assert "The adapter changes the model" in out
+    few = write_jsonl(toy_dialogues(2), tmp_path / "few.jsonl")
+    rc = main(["train", "--data", str(few), "--out", str(tmp_path / "b"), "--base-model", tiny])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: too little data to learn from: 2 dialogue(s), at least min_examples=3" in err
