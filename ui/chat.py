@@ -36,11 +36,15 @@ def notice(text: str) -> str:
 
 
 def finish_reply(text: str, finish_reason: str | None) -> str:
-    """The final text of a reply: a reply cut at the token limit that stops mid-sentence ends with "…"
-    (it is not silently cut mid-word)."""
-    if finish_reason == "length" and text and not text.rstrip().endswith((".", "!", "?", "…", ":", ")", "]")):
-        return text.rstrip() + "…"
-    return text
+    """The final text of a reply. A reply the engine stopped at its token limit (``finish_reason`` ``length``)
+    says so on a line of its own (:data:`CUT_NOTICE`, in italics) and, when it stops mid-sentence, ends with "…",
+    so it is never silently cut mid-word; other replies are returned as they are."""
+    if finish_reason != "length" or not text:
+        return text
+    body = text.rstrip()
+    if not body.endswith((".", "!", "?", "…", ":", ")", "]")):
+        body += "…"
+    return f"{body}\n\n*{CUT_NOTICE}*"
 
 
 def _field(c, name: str, default=None):
@@ -147,8 +151,6 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
                 + format_sources(turn.citations)
         if turn.message_id is not None:
             msg_ids[str(len(history) - 1)] = turn.message_id
-        if turn.finish_reason == "length" and not turn.held:
-            history.append({"role": "assistant", "content": notice(CUT_NOTICE)})
         new_status = getattr(turn, "status", "bot") or "bot"
         yield history, turn.conversation_id, "", msg_ids, new_status, _ref(turn.conversation_id)
 

@@ -114,9 +114,10 @@ def test_handoff_notice_is_its_own_message_and_a_cut_reply_says_so(browser, serv
     reply = _wait(lambda: [m for m in _stored(server, cid)["messages"] if m["role"] == "assistant"], 30,
                   "the stored reply")[0]
     cut = reply["finish_reason"] == "length"
-    if cut:  # the server generates at most 48 tokens: a reply cut there gets a notice of its own
-        _wait(lambda: CUT_NOTICE in _bot_messages(chat)[-1], 30, "the cut notice")
-        assert "Sources" in _bot_messages(chat)[-2] and CUT_NOTICE not in _bot_messages(chat)[-2]
+    if cut:  # the server generates at most 48 tokens: a reply cut there says so, above its sources
+        last = _wait(lambda: CUT_NOTICE in _bot_messages(chat)[-1] and _bot_messages(chat)[-1], 30, "the cut notice")
+        assert last.index(CUT_NOTICE) < last.index("Sources")
+        assert last.split(CUT_NOTICE)[0].rstrip().endswith((".", "!", "?", "…", ":", ")", "]"))
     else:
         assert all(CUT_NOTICE not in t for t in _bot_messages(chat))
     before = len(_bot_messages(chat))
@@ -126,3 +127,25 @@ def test_handoff_notice_is_its_own_message_and_a_cut_reply_says_so(browser, serv
     assert QUEUED_NOTICE in texts[-1] and "Sources" not in texts[-1]
     assert QUEUED_NOTICE not in texts[-2]
     cctx.close()
+
+
+def test_handoff_by_intent_chart_reads_with_30_intents(browser, server):
+    from chatbot.store import Message, Store
+    from tests.ui.test_console_browser import OPERATOR
+
+    store = Store(server.database_url)
+    try:
+        for k in range(30):
+            cid = store.create_conversation(channel="web").id
+            store.add_message(Message(conversation_id=cid, role="user", text=f"Help with topic {k}",
+                                      intent=f"topic_number_{k:02d}"))
+            store.request_handoff(cid, "handoff_intent", intent=f"topic_number_{k:02d}")
+    finally:
+        store.close()
+    ctx, op = _login(browser, server.url, OPERATOR, path="/operator/")
+    op.get_by_role("tab", name="Analytics").click()
+    plot = op.locator("#plot-handoff-intent")
+    _wait(lambda: plot.locator("svg, canvas").count() > 0, 60, "the handoff-by-intent chart")
+    box = _wait(lambda: (b := plot.bounding_box()) and b["height"] > 700 and b, 60, "a chart tall enough for 30 bars")
+    assert box["height"] > box["width"] * 0.5  # horizontal bars: it grows downwards, one row an intent
+    ctx.close()

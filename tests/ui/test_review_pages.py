@@ -3,15 +3,16 @@ the training run table, the height of the handoff-by-intent chart."""
 
 from __future__ import annotations
 
-from ui.chat import CUT_NOTICE, finish_reply, notice
+from ui.chat import QUEUED_NOTICE, finish_reply, notice
 from ui.console import RESULT_HEADERS, RESULT_WIDTHS, intent_chart_height, render_transcript, train_run_html
 
 
 def test_a_cut_reply_ends_with_an_ellipsis_and_a_finished_one_is_kept():
-    assert finish_reply("You can reset it under Account > Secur", "length") == "You can reset it under Account > Secur…"
-    assert finish_reply("You can reset it under Security.", "length") == "You can reset it under Security."
-    assert finish_reply("Done", "stop") == "Done"
-    assert notice(CUT_NOTICE) == "ℹ️ *My answer was cut short. Ask me to continue, or talk to a person.*"
+    cut = "\n\n*My answer was cut short. Ask me to continue, or talk to a person.*"
+    assert finish_reply("Reset it under Account > Secur", "length") == "Reset it under Account > Secur…" + cut
+    assert finish_reply("You can reset it under Security. ", "length") == "You can reset it under Security." + cut
+    assert finish_reply("Done", "stop") == "Done" and finish_reply("", "length") == ""
+    assert notice(QUEUED_NOTICE) == f"ℹ️ *{QUEUED_NOTICE}*"
 
 
 def test_staff_see_a_reply_cut_at_the_token_limit():
