@@ -505,10 +505,11 @@ def cmd_train(args) -> int:
     from finetune.sft import SFTConfig, train_sft
 
     s = _settings()
-    cfg = {"base_model": args.base_model or s.model}
-    for name in ("method", "epochs", "max_steps", "batch_size", "grad_accum", "learning_rate", "max_length",
-                 "truncation", "lora_r", "lora_alpha", "lora_dropout", "eval_steps", "save_steps", "logging_steps",
-                 "early_stopping_patience", "precision", "seed", "validation", "test", "eval_replies",
+    cfg = {"base_model": args.base_model or s.model, "min_steps": s.train_min_steps,
+           "min_examples": s.train_min_examples, "small_data_threshold": s.train_small_data_threshold}
+    for name in ("method", "epochs", "max_steps", "min_steps", "min_examples", "small_data_threshold", "batch_size",
+                 "grad_accum", "learning_rate", "max_length", "truncation", "lora_r", "lora_alpha", "lora_dropout",
+                 "eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "precision", "seed", "validation", "test", "eval_replies",
                  "eval_max_new_tokens", "eval_batch_size", "max_eval_samples", "system_prompt", "threads"):
         v = getattr(args, name, None)
         if v is not None:
@@ -521,6 +522,7 @@ def cmd_train(args) -> int:
         return 0
     m = res.manifest
     print(_adapter_table([("base", m["base_metrics"] or {}), (m["version"], m["metrics"])]))
+    print(m.get("summary") or "")
     print(f"saved adapter {m['version']} to {res.out_dir}")
     if args.json:
         _write_json(args.json, m)
@@ -701,6 +703,12 @@ def _add_finetune_commands(sub) -> None:
     sp.add_argument("--method", choices=["lora", "full"])
     sp.add_argument("--epochs", type=float)
     sp.add_argument("--max-steps", type=int)
+    sp.add_argument("--min-steps", type=int, help="least optimizer steps when --max-steps is not given "
+                    "(default: CHATBOT_TRAIN_MIN_STEPS)")
+    sp.add_argument("--min-examples", type=int, help="refuse fewer training dialogues (default: "
+                    "CHATBOT_TRAIN_MIN_EXAMPLES)")
+    sp.add_argument("--small-data-threshold", type=int, help="fewer dialogues: all train, evaluation on the "
+                    "fixed reference set (default: CHATBOT_TRAIN_SMALL_DATA_THRESHOLD; 0: always split)")
     sp.add_argument("--batch-size", type=int)
     sp.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     sp.add_argument("--learning-rate", type=float)

@@ -175,6 +175,17 @@ class Settings(BaseSettings):
     )
     max_loras: int = Field(default=2, ge=1, description="vLLM: adapters held on the device at once.")
     max_lora_rank: int = Field(default=64, ge=1, description="vLLM: highest LoRA rank it can serve.")
+    train_min_steps: int = Field(
+        default=20, ge=1, description="Training from approved transcripts: least optimizer steps (more passes over "
+                                      "a small set instead of one step that barely moves the adapter).",
+    )
+    train_min_examples: int = Field(
+        default=3, ge=1, description="Training from approved transcripts: fewer approved conversations is refused.",
+    )
+    train_small_data_threshold: int = Field(
+        default=20, ge=0, description="Training: with fewer conversations none is held out; the adapter is evaluated "
+                                      "on the fixed reference set data/eval/sft_reference instead (0: always split).",
+    )
     adapter_gate_max_val_loss_increase: float = Field(
         default=0.01, ge=0.0, description="Promotion gate: validation loss may exceed the live one's by this (nats)."
     )

@@ -12,8 +12,10 @@ Console (login required; the session cookie, or ``Authorization: Bearer <token>`
 ``POST /console/api/login``):
 
 * ``GET/POST /console/login``, ``/console/logout``: the login form.
-* staff: ``GET /console/api/conversations`` (search), ``GET /console/api/conversations/{id}``,
-  ``PUT /console/api/messages/{id}/annotation``, ``GET /console/api/export?ids=..&format=jsonl|csv``,
+* staff: ``GET /console/api/conversations`` (search; ``approved=true|false`` filters on replies approved for
+  training), ``GET /console/api/conversations/{id}``, ``PUT /console/api/messages/{id}/annotation``,
+  ``GET /console/api/export?ids=..&format=jsonl|csv`` (``approved_only=true`` without ids: every approved
+  conversation, JSONL cut after the last approved reply, CSV with all their messages),
   ``GET /console/api/handoffs``, ``POST /console/api/conversations/{id}/take|reply|release|close``.
 * operator: ``GET /console/api/operator/analytics``, ``GET /console/api/operator/jobs``,
   ``POST /console/api/operator/users``.
@@ -454,12 +456,12 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
     @console.get("/console/api/conversations")
     async def search(request: Request, user: User = Depends(staff_user), q: str | None = None,
                      since: str | None = None, until: str | None = None, intent: str | None = None,
-                     status: str | None = None, feedback: str | None = None,
+                     status: str | None = None, feedback: str | None = None, approved: bool | None = None,
                      limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
         store = assistant(request).store
         rows = await asyncio.to_thread(
             store.search_conversations, q, parse_day(since, "since"), parse_day(until, "until", end=True),
-            intent or None, status or None, feedback or None, limit, offset)
+            intent or None, status or None, feedback or None, limit, offset, approved)
         return {"conversations": _jsonable(rows)}
 
     @console.get("/console/api/conversations/{conversation_id}")
@@ -484,14 +486,16 @@ def build_routers() -> tuple[APIRouter, APIRouter]:
         if not id_list and not approved_only:
             raise InvalidInputError("ids must name at least one conversation (or set approved_only=true)")
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        prefix = "approved" if approved_only else "conversations"
         if format == "csv":
-            if not id_list:
-                raise InvalidInputError("ids must name at least one conversation for a CSV export")
+            if approved_only:  # every message of the conversations with an approved reply (of ids, when given)
+                approved_ids = await asyncio.to_thread(store.approved_conversation_ids)
+                id_list = [i for i in id_list if i in set(approved_ids)] if id_list else approved_ids
             body = await asyncio.to_thread(export_csv, store, id_list)
-            media, name = "text/csv; charset=utf-8", f"conversations-{stamp}.csv"
+            media, name = "text/csv; charset=utf-8", f"{prefix}-{stamp}.csv"
         else:
             body = await asyncio.to_thread(export_jsonl, store, id_list or None, approved_only)
-            media, name = "application/x-ndjson; charset=utf-8", f"conversations-{stamp}.jsonl"
+            media, name = "application/x-ndjson; charset=utf-8", f"{prefix}-{stamp}.jsonl"
         log.info("console: %s exported %d conversation(s) as %s", user.username, len(id_list), format)
         return Response(body, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 

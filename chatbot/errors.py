@@ -87,6 +87,22 @@ class DataError(ChatbotError):
     error_type = "data_error"
 
 
+class TooLittleDataError(DataError):
+    """Well-formed training data, but too little to learn from (too few dialogues, or no reply token).
+
+    Attributes:
+        examples: dialogues that could be used.
+        minimum: dialogues needed.
+    """
+
+    http_status = 422
+    error_type = "too_little_data"
+
+    def __init__(self, message: str, examples: int = 0, minimum: int = 0) -> None:
+        super().__init__(message)
+        self.examples, self.minimum = examples, minimum
+
+
 class AdapterError(ChatbotError):
     """A fine-tuned adapter is missing, malformed, or refused by the promotion gate."""
 

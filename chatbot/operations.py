@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatbot.errors import ChatbotError, ConfigError, InvalidInputError
+from chatbot.errors import ChatbotError, ConfigError, InvalidInputError, TooLittleDataError
 
 log = logging.getLogger(__name__)
 
@@ -215,16 +215,37 @@ def export_approved(store, settings, out_dir: Path | None = None) -> tuple[Path,
     return path, len(examples)
 
 
+def check_trainable(store, settings) -> int:
+    """The number of approved conversations, when there are enough to train on (``train_min_examples``).
+
+    Raises:
+        InvalidInputError: no conversation has an approved reply.
+        TooLittleDataError: fewer than ``settings.train_min_examples``.
+    """
+    n = len(store.sft_examples(approved_only=True))
+    if not n:
+        raise InvalidInputError("no approved transcripts: approve replies in the staff console first")
+    if n < settings.train_min_examples:
+        raise TooLittleDataError(f"too little data to learn from: {n} approved conversation(s), at least "
+                                 f"train_min_examples={settings.train_min_examples} are needed; approve more replies "
+                                 "in the staff console", n, settings.train_min_examples)
+    return n
+
+
 def train_from_approved(store, settings, report: Report) -> dict:
     """Export approved transcripts and fine-tune an adapter on them (fine-tuning module, see below).
 
     Returns:
-        ``{"summary", "data", "examples", ...what the trainer returned}``.
+        ``{"summary", "data", "examples", ...what the trainer returned}``: ``summary`` states the split
+        (examples per split, or the reference set), steps, epochs, learning rate, time and whether the
+        adapter changes the model; ``run`` holds the same as numbers.
 
     Raises:
         InvalidInputError: nothing approved.
+        TooLittleDataError: fewer approved conversations than ``train_min_examples``.
         ConfigError: the fine-tuning module is not available.
     """
+    check_trainable(store, settings)
     report(0.02, "exporting approved transcripts")
     path, n = export_approved(store, settings)
     report(0.05, f"{n} approved conversation(s) in {path.name}; training")
@@ -259,15 +280,20 @@ def _adapters_dir(settings) -> Path:
 
 def _finetune_train(data: Path, settings, report: Report) -> dict:
     """Train a LoRA adapter on ``data`` (chat-SFT JSONL) with :func:`finetune.sft.train_sft` and its
-    default :class:`~finetune.sft.SFTConfig` on the configured chat model; the adapter folder goes
-    into the adapter registry folder, named ``approved-<time>``."""
+    default :class:`~finetune.sft.SFTConfig` on the configured chat model, with the ``train_*`` settings
+    (least steps, least examples, small-data threshold) and the system prompt (put into the reference
+    dialogues as into the export); the adapter folder goes into the adapter registry folder, named
+    ``approved-<time>``."""
     sft = _finetune_module("sft")
     name = data.stem
-    res = sft.train_sft([data], _adapters_dir(settings) / name, sft.SFTConfig(base_model=settings.model),
-                        cache_dir=settings.cache_dir, name=name)
+    config = sft.SFTConfig(base_model=settings.model, system_prompt=settings.system_prompt,
+                           min_steps=settings.train_min_steps, min_examples=settings.train_min_examples,
+                           small_data_threshold=settings.train_small_data_threshold)
+    res = sft.train_sft([data], _adapters_dir(settings) / name, config, cache_dir=settings.cache_dir, name=name)
     m = dict(res.manifest or {})
-    return {"summary": f"trained adapter {m.get('version', name)} on {data.name}", "adapter": m.get("version"),
-            "folder": str(res.out_dir), "metrics": m.get("metrics"), "base_metrics": m.get("base_metrics")}
+    return {"summary": f"trained adapter {m.get('version', name)}: {m.get('summary', '')}".strip(),
+            "adapter": m.get("version"), "folder": str(res.out_dir), "run": m.get("run"),
+            "metrics": m.get("metrics"), "base_metrics": m.get("base_metrics")}
 
 
 def list_adapters(settings) -> list[dict]:
@@ -332,5 +358,5 @@ def compare_adapter(settings, name: str, evaluate: bool = True) -> dict:
     return _finetune_module("adapters").compare_with_live(name, settings, evaluate=evaluate)
 
 
-__all__ = ["Job", "Jobs", "reindex", "save_uploads", "export_approved", "train_from_approved", "list_adapters",
+__all__ = ["Job", "Jobs", "reindex", "save_uploads", "export_approved", "check_trainable", "train_from_approved", "list_adapters",
            "promote_adapter", "rollback_adapter", "adapter_history", "compare_adapter", "ChatbotError"]

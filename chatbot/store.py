@@ -226,6 +226,11 @@ def _is_transient(exc: BaseException) -> bool:
     )
 
 
+def _approved_ids():
+    """Subquery: conversation ids with a reply approved for training."""
+    return select(Annotation.conversation_id).where(Annotation.approved == True)  # noqa: E712
+
+
 def _escape_like(s: str) -> str:
     return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -715,6 +720,7 @@ class Store:
         feedback: str | None = None,
         limit: int = 100,
         offset: int = 0,
+        approved: bool | None = None,
     ) -> list[dict]:
         """Conversations matching every given filter, newest first.
 
@@ -725,9 +731,12 @@ class Store:
             status: ``bot`` | ``handoff`` | ``human`` | ``closed``.
             feedback: ``up`` / ``down`` (has such a rating), ``any`` or ``none``.
             limit, offset: paging.
+            approved: True: only conversations with a reply approved for training; False: only those without;
+                None: both.
 
         Returns:
-            ``[{id, started_at, status, channel, customer_ref, messages, intents, up, down, preview}]``.
+            ``[{id, started_at, status, channel, customer_ref, messages, intents, up, down, approved, preview}]``
+            (``approved``: the number of its replies approved for training).
 
         Raises:
             InvalidInputError: an unknown ``status`` or ``feedback`` value, or limit < 1.
@@ -760,6 +769,9 @@ class Store:
                 q = q.where(Conversation.id.in_(select(Feedback.conversation_id)))
             elif feedback == "none":
                 q = q.where(Conversation.id.not_in(select(Feedback.conversation_id)))
+            if approved is not None:
+                has = Conversation.id.in_(_approved_ids())
+                q = q.where(has if approved else ~has)
             convs = s.exec(q.order_by(Conversation.started_at.desc(), Conversation.id).offset(offset)
                            .limit(limit)).all()
             ids = [c.id for c in convs]
@@ -769,7 +781,10 @@ class Store:
                           .where(Message.conversation_id.in_(ids)).order_by(Message.id)).all()
             fbs = s.exec(select(Feedback.conversation_id, Feedback.rating)
                          .where(Feedback.conversation_id.in_(ids))).all()
-            stats: dict[str, dict] = {i: {"messages": 0, "intents": [], "preview": "", "up": 0, "down": 0} for i in ids}
+            stats: dict[str, dict] = {i: {"messages": 0, "intents": [], "preview": "", "up": 0, "down": 0,
+                                          "approved": 0} for i in ids}
+            for cid in s.exec(_approved_ids().where(Annotation.conversation_id.in_(ids))).all():
+                stats[cid]["approved"] += 1
             for cid, role, txt, it in msgs:
                 st = stats[cid]
                 st["messages"] += 1
@@ -820,6 +835,15 @@ class Store:
             return {"conversation": conv.model_dump(), "messages": out, "handoffs": handoffs}
 
         return self._read("read the transcript", fn)
+
+    def approved_conversation_ids(self) -> list[str]:
+        """Ids of the conversations with at least one reply approved for training, oldest first."""
+
+        def fn(s: Session) -> list[str]:
+            return list(s.exec(select(Conversation.id).where(Conversation.id.in_(_approved_ids()))
+                               .order_by(Conversation.started_at, Conversation.id)).all())
+
+        return self._read("list the approved conversations", fn)
 
     def sft_examples(self, conversation_ids: Sequence[str] | None = None, approved_only: bool = False,
                      system_prompt: str | None = None) -> list[dict]:

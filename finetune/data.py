@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 #: Names :func:`load_dialogues` accepts for the shared sets.
 SHARED_SETS = ("bitext_customer_support", "twitter_customer_care_docpred")
+#: The fixed reference set that adapters trained on few conversations are evaluated on (see its SOURCE.md).
+REFERENCE_SET = Path(__file__).resolve().parent.parent / "data" / "eval" / "sft_reference"
 ROLES = ("system", "user", "assistant")
 #: Label of a token that carries no loss (the ``ignore_index`` of cross-entropy).
 IGNORE_INDEX = -100
@@ -446,20 +448,26 @@ def load_dialogues(specs: Sequence[str | Path], system_prompt: str | None = None
 
 @dataclass
 class Splits:
-    """Train / validation / test dialogues, split by conversation id."""
+    """Train / validation / test dialogues, split by conversation id.
+
+    ``evaluation`` says where validation and test come from: ``{"kind": "held-out"}`` (cut from the data by
+    :func:`split_dialogues`) or ``{"kind": "reference", "path", "reason"}`` (:func:`reference_splits`).
+    """
 
     train: list[Dialogue]
     validation: list[Dialogue]
     test: list[Dialogue]
     seed: int = 0
     fractions: dict[str, float] = field(default_factory=dict)
+    evaluation: dict = field(default_factory=lambda: {"kind": "held-out"})
 
     def manifest(self) -> dict:
-        """``{"seed", "fractions", "counts", "ids": {split: [ids]}, "sha256": {split: hash}}``."""
+        """``{"seed", "fractions", "evaluation", "counts", "ids": {split: [ids]}, "sha256": {split: hash}}``."""
         parts = {"train": self.train, "validation": self.validation, "test": self.test}
         return {
             "seed": self.seed,
             "fractions": self.fractions,
+            "evaluation": self.evaluation,
             "counts": {k: len(v) for k, v in parts.items()},
             "sha256": {k: dialogues_sha256(v) for k, v in parts.items()},
             "ids": {k: [d.id for d in v] for k, v in parts.items()},
@@ -502,6 +510,41 @@ def split_dialogues(dialogues: Sequence[Dialogue], validation: float = 0.1, test
     val_ids, test_ids, train_ids = ids[:n_val], ids[n_val:n_val + n_test], ids[n_val + n_test:]
     return Splits([by_id[i] for i in train_ids], [by_id[i] for i in val_ids], [by_id[i] for i in test_ids],
                   seed, {"validation": validation, "test": test})
+
+
+def reference_splits(dialogues: Sequence[Dialogue], reference: str | Path | None = None,
+                     system_prompt: str | None = None, seed: int = 0, reason: str = "") -> Splits:
+    """Every dialogue for training; validation and test from the fixed reference set instead of held out.
+
+    For data too small to split (a handful of reviewed conversations): holding one or two out would leave
+    less to learn from and give a score on one dialogue. The reference set (``validation.jsonl`` and
+    ``test.jsonl`` in ``reference``, default :data:`REFERENCE_SET`) is the same for every run, so adapters
+    trained on different small batches are compared on the same dialogues.
+
+    Args:
+        dialogues: the training dialogues (ids unique).
+        reference: folder of the reference set.
+        system_prompt: put this system message first in reference dialogues that have none (as the training data).
+        seed: recorded in the manifest.
+        reason: why the reference set is used (recorded).
+
+    Raises:
+        DataError: repeated ids, or a reference id that is also a training id.
+        NotFoundError: the reference files do not exist.
+    """
+    folder = Path(reference) if reference else REFERENCE_SET
+    if len({d.id for d in dialogues}) != len(dialogues):
+        raise DataError("dialogue ids must be unique to split by conversation")
+    val, test = load_jsonl(folder / "validation.jsonl"), load_jsonl(folder / "test.jsonl")
+    clash = sorted({d.id for d in dialogues} & {d.id for d in val + test})
+    if clash:
+        raise DataError(f"training dialogues {clash[:5]} are also in the reference set {str(folder)!r}")
+    if system_prompt:
+        for d in val + test:
+            if d.messages[0]["role"] != "system":
+                d.messages.insert(0, {"role": "system", "content": system_prompt})
+    return Splits(list(dialogues), val, test, seed, {"validation": 0.0, "test": 0.0},
+                  {"kind": "reference", "path": str(folder), "reason": reason})
 
 
 # ----------------------------------------------------------------------------------- encoding

@@ -38,13 +38,22 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from chatbot.config import EMBEDDED_CHAT_MODEL
-from chatbot.errors import ConfigError, ModelAssetError
-from finetune.data import DataCollator, Dialogue, EncodeStats, Splits, encode_dialogues, load_dialogues, split_dialogues
+from chatbot.errors import ConfigError, ModelAssetError, TooLittleDataError
+from finetune.data import (
+    DataCollator,
+    Dialogue,
+    EncodeStats,
+    Splits,
+    encode_dialogues,
+    load_dialogues,
+    reference_splits,
+    split_dialogues,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +74,20 @@ class SFTConfig:
         max_length: most tokens per sample; longer ones follow ``truncation``.
         truncation: ``turns`` (keep the complete turns that fit) or ``drop`` (see finetune.data).
         epochs: passes over the training split (ignored when ``max_steps`` > 0).
-        max_steps: optimizer steps to run (-1: use ``epochs``).
+        max_steps: optimizer steps to run (-1: use ``epochs``, raised to ``min_steps``).
+        min_steps: least optimizer steps when ``max_steps`` is -1: when ``epochs`` passes over a small training
+            split would give fewer, the run takes ``min_steps`` steps (more passes) instead, so a handful of
+            conversations is learned from rather than touched once.
+        min_examples: fewer training dialogues than this (after encoding) is refused with
+            :class:`~chatbot.errors.TooLittleDataError`.
+        small_data_threshold: with fewer dialogues than this, none is held out: all train, and the validation and
+            test scores are taken on the fixed reference set ``reference_data`` (0: always split).
+        reference_data: folder with ``validation.jsonl`` and ``test.jsonl`` (None: ``data/eval/sft_reference``).
         batch_size: samples per device per micro-batch.
         grad_accum: micro-batches per optimizer step (effective batch = batch_size * grad_accum * processes).
         learning_rate, weight_decay, warmup_ratio, lr_scheduler, optim, max_grad_norm: optimiser settings.
+            The warm-up takes ``floor(warmup_ratio * steps)`` steps (none in short runs) and its first step
+            already has a non-zero rate (see :func:`no_zero_warmup`).
         eval_steps: evaluate the validation loss every N optimizer steps (0: only at the end).
         save_steps: checkpoint every N steps (default: ``eval_steps``; must be a multiple of it).
         logging_steps: log the training loss every N steps.
@@ -99,6 +118,10 @@ class SFTConfig:
     truncation: Literal["turns", "drop"] = "turns"
     epochs: float = 1.0
     max_steps: int = -1
+    min_steps: int = 20
+    min_examples: int = 3
+    small_data_threshold: int = 20
+    reference_data: str | None = None
     batch_size: int = 8
     grad_accum: int = 1
     learning_rate: float = 2e-4
@@ -137,6 +160,9 @@ class SFTConfig:
             ("max_length", self.max_length >= 16),
             ("truncation", self.truncation in ("turns", "drop")),
             ("epochs", self.epochs > 0),
+            ("min_steps", self.min_steps >= 1),
+            ("min_examples", self.min_examples >= 1),
+            ("small_data_threshold", self.small_data_threshold >= 0),
             ("batch_size", self.batch_size >= 1),
             ("grad_accum", self.grad_accum >= 1),
             ("learning_rate", self.learning_rate > 0),
@@ -317,11 +343,14 @@ class PreparedData:
 def prepare_data(data: list[str | Path] | list[Dialogue], tokenizer, config: SFTConfig) -> PreparedData:
     """Load (from specs) or take dialogues, split them by conversation and encode train and validation.
 
-    Raises:
-        DataError: bad data, or no training sample left after truncation.
-    """
-    from chatbot.errors import DataError
+    With fewer dialogues than ``config.small_data_threshold`` none is held out: all train, and validation and
+    test come from the fixed reference set (:func:`finetune.data.reference_splits`).
 
+    Raises:
+        TooLittleDataError: fewer than ``config.min_examples`` dialogues (before or after encoding), or no
+            assistant token to learn from.
+        DataError: bad data.
+    """
     if data and isinstance(data[0], Dialogue):
         dialogues, sources = list(data), [{"spec": "in-memory", "dialogues": len(data)}]  # type: ignore[arg-type]
         if config.system_prompt:
@@ -330,12 +359,118 @@ def prepare_data(data: list[str | Path] | list[Dialogue], tokenizer, config: SFT
                     d.messages.insert(0, {"role": "system", "content": config.system_prompt})
     else:
         dialogues, sources = load_dialogues([str(s) for s in data], config.system_prompt)
-    splits = split_dialogues(dialogues, config.validation, config.test, config.seed)
+    n = len(dialogues)
+    if n < config.min_examples:
+        raise TooLittleDataError(f"too little data to learn from: {n} dialogue(s), at least min_examples="
+                                 f"{config.min_examples} are needed", n, config.min_examples)
+    if n < config.small_data_threshold:
+        splits = reference_splits(dialogues, config.reference_data, config.system_prompt, config.seed,
+                                  f"{n} dialogues < small_data_threshold {config.small_data_threshold}: all train")
+    else:
+        splits = split_dialogues(dialogues, config.validation, config.test, config.seed)
     train, st_train = encode_dialogues(tokenizer, splits.train, config.max_length, config.truncation)
     val, st_val = encode_dialogues(tokenizer, splits.validation, config.max_length, config.truncation)
-    if not train:
-        raise DataError(f"no training sample fits max_length {config.max_length} (all {st_train.dialogues} dropped)")
+    if len(train) < config.min_examples or not st_train.label_tokens:
+        raise TooLittleDataError(
+            f"too little data to learn from: {len(train)} of {st_train.dialogues} training dialogue(s) fit "
+            f"max_length {config.max_length} with {st_train.label_tokens} assistant token(s); at least "
+            f"min_examples={config.min_examples} dialogues with assistant tokens are needed", len(train),
+            config.min_examples)
     return PreparedData(dialogues, sources, splits, train, val, {"train": st_train, "validation": st_val})
+
+
+def plan_steps(n_train: int, config: SFTConfig, world_size: int = 1) -> dict:
+    """How many optimizer steps a run of ``n_train`` training samples takes, and its warm-up.
+
+    ``steps_per_epoch = ceil(ceil(ceil(n_train / world_size) / batch_size) / grad_accum)`` (the Trainer's
+    count); with ``max_steps`` -1 the run takes ``ceil(epochs * steps_per_epoch)`` steps, raised to
+    ``min_steps``; warm-up is ``floor(warmup_ratio * steps)`` steps (none when that is 0).
+
+    Returns:
+        ``{"steps_per_epoch", "epoch_steps", "steps", "epochs", "raised_to_min_steps", "warmup_steps"}``;
+        ``epochs`` is the number of passes over the training split the steps make.
+    """
+    per_process = math.ceil(n_train / max(1, world_size))
+    spe = max(1, math.ceil(math.ceil(per_process / config.batch_size) / config.grad_accum))
+    epoch_steps = max(1, math.ceil(config.epochs * spe))
+    if config.max_steps > 0:
+        steps, raised = config.max_steps, False
+    else:
+        steps, raised = max(epoch_steps, config.min_steps), epoch_steps < config.min_steps
+    return {"steps_per_epoch": spe, "epoch_steps": epoch_steps, "steps": steps, "epochs": steps / spe,
+            "raised_to_min_steps": raised, "warmup_steps": int(config.warmup_ratio * steps)}
+
+
+def no_zero_warmup(scheduler, warmup_steps: int):
+    """Shift a linear warm-up so its first step is not at learning rate 0.
+
+    Transformers' schedules (``get_scheduler``: linear, cosine, ...) warm up with factor
+    ``step / warmup_steps``, so optimizer step 0 runs at learning rate 0: a one-step run changes nothing and
+    a LoRA adapter's B matrices stay exactly zero. Here the warm-up factor is ``(step + 1) / (warmup_steps + 1)``
+    (the last warm-up step reaches ``warmup_steps / (warmup_steps + 1)``, the step after it 1.0); after the
+    warm-up the schedule is unchanged (its decay ends above 0 on the last step).
+
+    Args:
+        scheduler: a ``torch.optim.lr_scheduler.LambdaLR`` from ``transformers.get_scheduler`` (other kinds are
+            returned as they are).
+        warmup_steps: the warm-up it was built with.
+
+    Returns:
+        A new ``LambdaLR`` on the same optimizer (or ``scheduler`` when there is no warm-up).
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if warmup_steps <= 0 or not isinstance(scheduler, LambdaLR):
+        return scheduler
+
+    def wrap(f):
+        return lambda step: (step + 1) / (warmup_steps + 1) if step < warmup_steps else f(step)
+
+    return LambdaLR(scheduler.optimizer, [wrap(f) for f in scheduler.lr_lambdas])
+
+
+def _sft_trainer_class():
+    """``transformers.Trainer`` with :func:`no_zero_warmup` and warm-up steps from :func:`plan_steps`."""
+    from transformers import Trainer, get_scheduler
+
+    class SFTTrainer(Trainer):
+        warmup_ratio: float = 0.0
+        warmup_steps: int = 0
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                self.warmup_steps = int(self.warmup_ratio * num_training_steps)
+                sched = get_scheduler(self.args.lr_scheduler_type, optimizer=optimizer or self.optimizer,
+                                      num_warmup_steps=self.warmup_steps, num_training_steps=num_training_steps,
+                                      scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+                self.lr_scheduler = no_zero_warmup(sched, self.warmup_steps)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return SFTTrainer
+
+
+def _step_lr_callback():
+    """A callback that records the learning rate each optimizer step ran with (``.lrs``)."""
+    from transformers import TrainerCallback
+
+    class StepLearningRates(TrainerCallback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            if optimizer is not None:
+                self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+
+    return StepLearningRates()
+
+
+def step_learning_rates(trainer) -> list[float]:
+    """The learning rate of every optimizer step ``trainer`` ran (built by :func:`build_trainer`)."""
+    for cb in trainer.callback_handler.callbacks:
+        if hasattr(cb, "lrs"):
+            return list(cb.lrs)
+    return []
 
 
 class _ListDataset:
@@ -358,7 +493,9 @@ def build_trainer(model, tokenizer, train: list[dict], validation: list[dict], c
 
     Validation loss every ``eval_steps`` with early stopping and best-checkpoint
     restore (when there is a validation set and ``eval_steps`` > 0), checkpoints
-    every ``save_steps``, gradient accumulation, bf16 autocast per
+    every ``save_steps``, the step count of :func:`plan_steps` (``min_steps``), a warm-up
+    without a step at learning rate 0 (:func:`no_zero_warmup`; the rate of every step is
+    recorded, :func:`step_learning_rates`), gradient accumulation, bf16 autocast per
     :func:`resolve_precision`, gradient checkpointing (non-reentrant), gloo as the
     process-group backend on CPU (NCCL on GPUs), FSDP when ``config.fsdp`` is set.
 
@@ -366,23 +503,24 @@ def build_trainer(model, tokenizer, train: list[dict], validation: list[dict], c
         ``transformers.Trainer`` (not started).
     """
     import torch
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
 
     precision = resolve_precision(config.precision)
     cuda = torch.cuda.is_available()
     has_val = bool(validation) and config.eval_steps > 0
     val_rows = validation[: config.max_eval_samples] if config.max_eval_samples else validation
     save_steps = config.save_steps or (config.eval_steps if config.eval_steps else 500)
+    plan = plan_steps(len(train), config, world_info()[1])
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
         gradient_accumulation_steps=config.grad_accum,
         num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
+        max_steps=plan["steps"] if plan["raised_to_min_steps"] else config.max_steps,
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,
+        warmup_steps=0,  # the warm-up is SFTTrainer's (no step at rate 0), from config.warmup_ratio
         lr_scheduler_type=config.lr_scheduler,
         optim=config.optim,
         max_grad_norm=config.max_grad_norm,
@@ -411,10 +549,10 @@ def build_trainer(model, tokenizer, train: list[dict], validation: list[dict], c
         label_names=["labels"],
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cbs = list(callbacks or [])
+    cbs = [*(callbacks or []), _step_lr_callback()]
     if has_val and config.early_stopping_patience > 0:
         cbs.append(EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold))
-    return Trainer(
+    trainer = _sft_trainer_class()(
         model=model,
         args=args,
         data_collator=DataCollator(pad),
@@ -423,6 +561,8 @@ def build_trainer(model, tokenizer, train: list[dict], validation: list[dict], c
         processing_class=tokenizer,
         callbacks=cbs,
     )
+    trainer.warmup_ratio = config.warmup_ratio
+    return trainer
 
 
 # --------------------------------------------------------------------------- the run
@@ -490,7 +630,16 @@ def train_sft(data: list[str | Path] | list[Dialogue], out_dir: str | Path, conf
         log.info("LoRA r=%d: %d trainable of %d parameters (%.2f%%)", config.lora_r, trainable, total,
                  100 * trainable / total)
     ckpt_dir = out / "checkpoints"
-    trainer = build_trainer(model, tok, prepared.train, prepared.validation, config, ckpt_dir, progress)
+    small = prepared.splits.evaluation.get("kind") == "reference"
+    # Few dialogues: the validation set is the general reference set, so no early stopping on it (it would stop
+    # the run for drifting from general replies while it learns the reviewed ones); it is scored at the end.
+    run_config = replace(config, eval_steps=0) if small else config
+    plan = plan_steps(len(prepared.train), run_config, world)
+    log.info("training on %d dialogue(s), evaluating on %d + %d (%s): %d optimizer step(s), %.1f epoch(s)%s",
+             len(prepared.train), len(prepared.splits.validation), len(prepared.splits.test),
+             prepared.splits.evaluation.get("kind"), plan["steps"], plan["epochs"],
+             f" (raised to min_steps {config.min_steps})" if plan["raised_to_min_steps"] else "")
+    trainer = build_trainer(model, tok, prepared.train, prepared.validation, run_config, ckpt_dir, progress)
     last = _last_checkpoint(ckpt_dir) if resume else None
     if last:
         log.info("resuming from %s", last)
@@ -500,6 +649,8 @@ def train_sft(data: list[str | Path] | list[Dialogue], out_dir: str | Path, conf
     model = trainer.model
     if hasattr(model, "module"):  # DDP wrapper
         model = model.module
+    step_lrs = step_learning_rates(trainer)
+    change = weight_change(model) if config.method == "lora" else None
     is_main = trainer.is_world_process_zero()
     if not is_main:
         return TrainResult(out, None, trainer, model, tok, prepared.splits, False)
@@ -534,6 +685,23 @@ def train_sft(data: list[str | Path] | list[Dialogue], out_dir: str | Path, conf
     adapter_name = name or out.name
     state = trainer.state
     train_tokens = sum(len(r["input_ids"]) for r in prepared.train)
+    counts = prepared.splits.manifest()["counts"]
+    run = {
+        "examples": counts,
+        "evaluation": prepared.splits.evaluation,
+        "steps": state.global_step,
+        "planned_steps": plan["steps"],
+        "raised_to_min_steps": plan["raised_to_min_steps"],
+        "min_steps": config.min_steps,
+        "epochs": state.epoch,
+        "learning_rate": config.learning_rate,
+        "warmup_steps": getattr(trainer, "warmup_steps", 0),
+        "step_learning_rate_min": min(step_lrs) if step_lrs else None,
+        "step_learning_rate_max": max(step_lrs) if step_lrs else None,
+        "train_seconds": round(train_secs, 2),
+        "total_seconds": round(time.perf_counter() - t0, 2),
+        "changes_model": None if change is None else change["changes_model"],
+    }
     manifest = {
         "format": ADAPTER_FORMAT,
         "kind": "peft-lora" if config.method == "lora" else "full",
@@ -554,6 +722,9 @@ def train_sft(data: list[str | Path] | list[Dialogue], out_dir: str | Path, conf
             "train_loss": train_out.training_loss,
             "train_seconds": train_secs,
             "resumed_from": last,
+            "plan": plan,
+            "step_learning_rates": step_lrs[:1000],
+            "weight_change": change,
             "log_history": state.log_history[-50:],
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": _version("peft")},
@@ -568,16 +739,73 @@ def train_sft(data: list[str | Path] | list[Dialogue], out_dir: str | Path, conf
                         "repetition_penalty": config.eval_repetition_penalty, "max_length": config.max_length,
                         "truncation": config.truncation, "val_samples": config.max_eval_samples,
                         "split_sha256": prepared.splits.manifest()["sha256"]},
+        "run": run,
+        "summary": "",
         "metrics": _flat_metrics(metrics),
         "base_metrics": _flat_metrics(base_metrics) if base_metrics else None,
         "details": {"adapter": metrics, "base": base_metrics},
     }
+    manifest["summary"] = run_summary(manifest)
+    if change is not None and not change["changes_model"]:
+        log.warning("adapter %s leaves the model unchanged (every lora_B matrix is zero); it cannot be promoted",
+                    manifest["version"])
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     if not config.keep_checkpoints and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.info("wrote %s (version %s): validation loss %.4f", out, manifest["version"],
              manifest["metrics"]["val_loss"] or math.nan)
     return TrainResult(out, manifest, trainer, model, tok, prepared.splits, True)
+
+
+def weight_change(model) -> dict:
+    """Whether a LoRA model's adapter changes its outputs: some ``lora_B`` matrix is non-zero.
+
+    A LoRA update is ``B @ A`` with B initialised to zero, so an adapter whose B matrices are all zero (no
+    optimizer step with a learning rate above 0) is the base model.
+
+    Returns:
+        ``{"lora_B_nonzero", "lora_B_total", "lora_B_max_abs", "changes_model"}``.
+    """
+    nonzero, total, peak = 0, 0, 0.0
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            total += 1
+            m = float(p.detach().abs().max()) if p.numel() else 0.0
+            nonzero += int(m > 0)
+            peak = max(peak, m)
+    return {"lora_B_nonzero": nonzero, "lora_B_total": total, "lora_B_max_abs": peak, "changes_model": nonzero > 0}
+
+
+def run_summary(manifest: dict) -> str:
+    """One plain paragraph of what a run did, from its ``adapter.json``: examples per split and where the
+    evaluation came from, optimizer steps, epochs, learning rate and warm-up, time, and whether the adapter
+    changes the model. Shown by ``chatbot train`` and the operator console."""
+    run = manifest.get("run") or {}
+    c = run.get("examples") or {}
+    ev = run.get("evaluation") or {}
+    if ev.get("kind") == "reference":
+        where = (f"all {c.get('train')} conversation(s) used for training (fewer than small_data_threshold "
+                 f"{manifest.get('training', {}).get('small_data_threshold')}); evaluated on the fixed reference set "
+                 f"({c.get('validation')} validation, {c.get('test')} test dialogues)")
+    else:
+        where = (f"split {c.get('train')} train / {c.get('validation')} validation / {c.get('test')} test "
+                 "conversation(s)")
+    steps = f"{run.get('steps')} optimizer step(s)"
+    if run.get("raised_to_min_steps"):
+        steps += f" (raised to min_steps {run.get('min_steps')})"
+    warm = f"{run.get('warmup_steps')} warm-up step(s)" if run.get("warmup_steps") else "no warm-up"
+    lr_min = run.get("step_learning_rate_min")
+    lrs = f"; step rates {lr_min:.2e} to {run.get('step_learning_rate_max'):.2e}" if lr_min is not None else ""
+    epochs = run.get("epochs") or 0.0
+    text = (f"{where}; {steps}, {epochs:.1f} epoch(s), learning rate {run.get('learning_rate'):g} ({warm}{lrs}); "
+            f"{run.get('train_seconds', 0):.1f} s training, {run.get('total_seconds', 0):.1f} s with evaluation.")
+    if run.get("changes_model") is False:
+        text += " The adapter leaves the model unchanged (every lora_B matrix is zero): it cannot be promoted."
+    elif run.get("changes_model"):
+        w = (manifest.get("training") or {}).get("weight_change") or {}
+        text += f" The adapter changes the model ({w.get('lora_B_nonzero')} of {w.get('lora_B_total')} lora_B " \
+                "matrices non-zero)."
+    return text
 
 
 def _flat_metrics(m: dict | None) -> dict:

@@ -24,6 +24,27 @@ QUEUED_NOTICE = "You're in the queue for a member of our support team. They will
 RETURNED_NOTICE = "Our support team handed the conversation back to the assistant."
 CLOSED_NOTICE = "Our support team closed this conversation. Write again any time."
 STAFF_PREFIX = "**Support agent:** "
+#: Said under a reply the engine stopped at its token limit (``finish_reason`` ``length``).
+CUT_NOTICE = "My answer was cut short. Ask me to continue, or talk to a person."
+
+
+def notice(text: str) -> str:
+    """A notice (queued for a person, handed back, closed, cut short) as its own chat message, set apart from
+    replies: italic, after an information sign. The chat shows every message in its own bubble, so a notice
+    never reads as part of the reply above it."""
+    return f"ℹ️ *{text}*"
+
+
+def finish_reply(text: str, finish_reason: str | None) -> str:
+    """The final text of a reply. A reply the engine stopped at its token limit (``finish_reason`` ``length``)
+    says so on a line of its own (:data:`CUT_NOTICE`, in italics) and, when it stops mid-sentence, ends with "…",
+    so it is never silently cut mid-word; other replies are returned as they are."""
+    if finish_reason != "length" or not text:
+        return text
+    body = text.rstrip()
+    if not body.endswith((".", "!", "?", "…", ":", ")", "]")):
+        body += "…"
+    return f"{body}\n\n*{CUT_NOTICE}*"
 
 
 def _field(c, name: str, default=None):
@@ -123,7 +144,11 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
             history[-1]["content"] = f"{safe_reply(text)}\n\nSorry, something went wrong: {exc}"
             yield history, conversation_id, "", msg_ids, status, _ref(conversation_id)
             return
-        history[-1]["content"] = safe_reply(text or "(no answer)") + format_sources(turn.citations)
+        if turn.held:  # the handoff notice is a notice of its own, not a bot reply
+            history[-1]["content"] = notice(text or "")
+        else:
+            history[-1]["content"] = safe_reply(finish_reply(text, turn.finish_reason) or "(no answer)") \
+                + format_sources(turn.citations)
         if turn.message_id is not None:
             msg_ids[str(len(history) - 1)] = turn.message_id
         new_status = getattr(turn, "status", "bot") or "bot"
@@ -136,7 +161,7 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
         except ChatbotError as exc:
             history.append({"role": "assistant", "content": f"Sorry, I could not reach our support team: {exc}"})
             return history, conversation_id, status, _ref(conversation_id)
-        history.append({"role": "assistant", "content": QUEUED_NOTICE})
+        history.append({"role": "assistant", "content": notice(QUEUED_NOTICE)})
         return history, h.conversation_id, "handoff", _ref(h.conversation_id)
 
     async def on_like(data: gr.LikeData, conversation_id: str | None, msg_ids: dict):
@@ -166,7 +191,8 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
         for m in new:
             history.append({"role": "assistant", "content": STAFF_PREFIX + m.text})
         if conv.status != status and conv.status in ("bot", "closed"):
-            history.append({"role": "assistant", "content": RETURNED_NOTICE if conv.status == "bot" else CLOSED_NOTICE})
+            history.append({"role": "assistant", "content": notice(RETURNED_NOTICE if conv.status == "bot"
+                                                                   else CLOSED_NOTICE)})
         last = max([int(last_seen or 0)] + [m.id for m in new])
         return history, last, conv.status
 
@@ -176,7 +202,9 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
         msg_ids = gr.State({})  # chat index (str) -> stored message id, for thumbs up/down
         last_seen = gr.State(0)  # newest staff message shown
         status = gr.State("bot")
-        chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chat", feedback_options=("Like", "Dislike"))
+        # one bubble per message: a notice after a reply is not drawn inside the reply's bubble under its sources
+        chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chat", feedback_options=("Like", "Dislike"),
+                             group_consecutive_messages=False)
         box = gr.Textbox(
             placeholder="Type your question and press Enter", show_label=False, elem_id="message", autofocus=True
         )

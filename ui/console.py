@@ -24,8 +24,17 @@ from ui.chat import escape_markdown, format_sources
 
 log = logging.getLogger(__name__)
 
-RESULT_HEADERS = ["id", "started (UTC)", "status", "channel", "messages", "intents", "up", "down", "first message"]
+RESULT_HEADERS = ["id", "started (UTC)", "status", "channel", "messages", "intents", "up", "down", "approved",
+                  "first message"]
+#: Column widths of the search results: wide enough that no header breaks inside a word.
+RESULT_WIDTHS = ["150px", "170px", "90px", "90px", "100px", "160px", "60px", "70px", "100px", "320px"]
 QUEUE_HEADERS = ["conversation", "waiting since (UTC)", "reason", "intent", "status", "assigned to", "last message"]
+QUEUE_WIDTHS = ["150px", "180px", "150px", "140px", "90px", "120px", "320px"]
+#: Links that export every conversation with an approved reply (one click each).
+APPROVED_EXPORT_HTML = (
+    '<p>All approved conversations: <a id="export-approved-jsonl" href="/console/api/export?approved_only=true&amp;'
+    'format=jsonl" download>JSONL (chat SFT)</a> · <a id="export-approved-csv" href="/console/api/export?'
+    'approved_only=true&amp;format=csv" download>CSV</a></p>')
 
 
 def _fmt_time(t) -> str:
@@ -70,6 +79,8 @@ def render_transcript(t: dict) -> str:
         if m["role"] == "assistant":
             if m.get("answer_kind"):
                 meta.append(f"answer {m['answer_kind']}")
+            if m.get("finish_reason") == "length":
+                meta.append("✂️ cut at the token limit (finish_reason length)")
             if m.get("citations"):
                 meta.append("sources " + "; ".join(f"[{x['number']}] {x['title']} ({x['doc_id']}, {x['score']})"
                                                    for x in m["citations"]))
@@ -161,17 +172,20 @@ def build_console_ui(get_assistant: Callable[[], object], app):
     def store():
         return get_assistant().store
 
-    def search(q, since, until, intent, status, feedback, request: gr.Request):
+    def search(q, since, until, intent, status, feedback, approved_only, request: gr.Request):
+        """The results, their count and ids; the open transcript and its review fields are cleared."""
         _user(app, request)
+        approved_flag = {"approved": True, "not approved": False}.get(approved_only or "")
         try:
             rows = store().search_conversations(q or None, parse_day(since, "since"),
                                                 parse_day(until, "until", end=True), intent or None,
-                                                status or None, feedback or None, limit=200)
+                                                status or None, feedback or None, limit=200, approved=approved_flag)
         except ChatbotError as exc:
             raise gr.Error(str(exc)) from exc
         data = [[r["id"], _fmt_time(r["started_at"]), r["status"], r["channel"], r["messages"],
-                 ", ".join(r["intents"]), r["up"], r["down"], r["preview"]] for r in rows]
-        return gr.update(value=data or None), f"{len(rows)} conversation(s)", [r["id"] for r in rows]
+                 ", ".join(r["intents"]), r["up"], r["down"], r.get("approved", 0), r["preview"]] for r in rows]
+        cleared = ("", "", gr.update(choices=[], value=None), "", False, "")
+        return (gr.update(value=data or None), f"{len(rows)} conversation(s)", [r["id"] for r in rows], *cleared)
 
     def open_conversation(cid, request: gr.Request):
         _user(app, request)
@@ -305,9 +319,12 @@ def build_console_ui(get_assistant: Callable[[], object], app):
                                      elem_id="search-status")
                 feedback = gr.Dropdown(["", "up", "down", "any", "none"], value="", label="Feedback",
                                        elem_id="search-feedback")
+                approved_filter = gr.Dropdown(["", "approved", "not approved"], value="", label="Review",
+                                              elem_id="search-approved")
                 search_btn = gr.Button("Search", variant="primary", elem_id="search")
             found = gr.Markdown(elem_id="search-count")
-            results = gr.Dataframe(headers=RESULT_HEADERS, interactive=False, wrap=True, elem_id="results")
+            results = gr.Dataframe(headers=RESULT_HEADERS, interactive=False, wrap=True, column_widths=RESULT_WIDTHS,
+                                   elem_id="results")
             result_ids = gr.State([])
             with gr.Row():
                 cid = gr.Textbox(label="Conversation id", elem_id="conv-id", scale=3)
@@ -325,11 +342,13 @@ def build_console_ui(get_assistant: Callable[[], object], app):
                     add_btn = gr.Button("Add to export", elem_id="add-export")
                     add_all_btn = gr.Button("Add all results", elem_id="add-all-export")
                 links = gr.HTML(export_links(""), elem_id="export-links")
+                gr.HTML(APPROVED_EXPORT_HTML, elem_id="export-approved")
         with gr.Tab("Handoff queue"):
             with gr.Row():
                 refresh = gr.Button("Refresh", elem_id="queue-refresh")
                 queue_count = gr.Markdown(elem_id="queue-count")
-            queue_df = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, elem_id="queue")
+            queue_df = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True, column_widths=QUEUE_WIDTHS,
+                                    elem_id="queue")
             hcid = gr.Textbox(label="Conversation id", elem_id="handoff-conv")
             with gr.Row():
                 take_btn = gr.Button("Take", variant="primary", elem_id="take")
@@ -342,9 +361,10 @@ def build_console_ui(get_assistant: Callable[[], object], app):
             queue_timer = gr.Timer(5.0)
 
         blocks.load(header_text, None, header)
-        filters = [q, since, until, intent, status, feedback]
-        search_btn.click(search, filters, [results, found, result_ids])
-        q.submit(search, filters, [results, found, result_ids])
+        filters = [q, since, until, intent, status, feedback, approved_filter]
+        search_outputs = [results, found, result_ids, cid, transcript, reply_pick, corrected, approved, saved]
+        search_btn.click(search, filters, search_outputs)
+        q.submit(search, filters, search_outputs)
         results.select(select_row, results, cid).then(open_conversation, cid, [transcript, reply_pick, corrected,
                                                                                approved])
         open_btn.click(open_conversation, cid, [transcript, reply_pick, corrected, approved])
@@ -367,13 +387,43 @@ def build_console_ui(get_assistant: Callable[[], object], app):
     return blocks
 
 
+def intent_chart_height(intents: int) -> int:
+    """Pixel height of the horizontal handoff-by-intent chart: 24 px a bar plus room for the axis and title."""
+    return max(240, 24 * intents + 110)
+
+
+def train_run_html(run: dict | None) -> str:
+    """HTML table of a training run (``adapter.json`` ``run``): examples per split and where the evaluation
+    came from, optimizer steps, epochs, learning rate, warm-up, time, whether the adapter changes the model."""
+    if not run:
+        return ""
+    c = run.get("examples") or {}
+    ev = run.get("evaluation") or {}
+    source = "fixed reference set (all conversations train)" if ev.get("kind") == "reference" else "held out"
+    steps = str(run.get("steps"))
+    if run.get("raised_to_min_steps"):
+        steps += f" (raised to the minimum {run.get('min_steps')})"
+    lo, hi = run.get("step_learning_rate_min"), run.get("step_learning_rate_max")
+    rows = [("training conversations", c.get("train")), ("validation dialogues", c.get("validation")),
+            ("test dialogues", c.get("test")), ("evaluated on", source), ("optimizer steps", steps),
+            ("epochs", f"{run.get('epochs') or 0:.1f}"), ("learning rate", f"{run.get('learning_rate'):g}"),
+            ("warm-up steps", run.get("warmup_steps")),
+            ("step learning rates", "-" if lo is None else f"{lo:.2e} to {hi:.2e}"),
+            ("time", f"{run.get('train_seconds', 0):.1f} s training, {run.get('total_seconds', 0):.1f} s in all"),
+            ("changes the model", {True: "yes", False: "NO: every lora_B is zero, it cannot be promoted",
+                                   None: "-"}[run.get("changes_model")])]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f'<table id="train-run" class="train-run">{body}</table>'
+
+
 def _progress_html(job: dict | None) -> str:
     if not job:
         return "<p>No job yet.</p>"
     pct = int(round(job["progress"] * 100))
+    run = (job.get("result") or {}).get("run") if job["status"] == "done" else None
     return (f'<div id="job-{job["kind"]}" data-status="{job["status"]}"><progress max="100" value="{pct}">'
             f"{pct}%</progress> <b>{pct}%</b> · {html.escape(job['status'])} · {job['elapsed_s']} s<br>"
-            f"<small>{html.escape(job['message'] or '')}</small></div>")
+            f"<small>{html.escape(job['message'] or '')}</small>{train_run_html(run)}</div>")
 
 
 def build_operator_ui(get_assistant: Callable[[], object], app):
@@ -416,6 +466,7 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         user = _user(app, request, "operator")
         a = get_assistant()
         try:
+            ops.check_trainable(a.store, a.settings)  # refuse at once rather than in a failed job
             job = jobs().start("train", lambda report: ops.train_from_approved(a.store, a.settings, report),
                                user.username)
         except ChatbotError as exc:
@@ -513,7 +564,8 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         summary = (f"**{a['conversations']}** conversations · **{a['handed_off']}** handed off · deflection "
                    f"**{pct(a['deflection'])}** · thumbs up **{pct(a['thumbs_up_rate'])}** "
                    f"({a['thumbs_up']} up, {a['thumbs_down']} down)")
-        return (summary, days[["day", "conversations"]], days[["day", "deflection"]], by_intent[["intent", "rate"]],
+        intent_plot = gr.update(value=by_intent[["intent", "rate"]], height=intent_chart_height(len(by_intent)))
+        return (summary, days[["day", "conversations"]], days[["day", "deflection"]], intent_plot,
                 rated_days[["day", "thumbs_up_rate"]], unanswered)
 
     with gr.Blocks(title="Operator console", analytics_enabled=False) as blocks:
@@ -550,8 +602,9 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
                 deflection = gr.BarPlot(x="day", y="deflection", title="Resolved without handoff (deflection)",
                                         y_lim=[0, 1], elem_id="plot-deflection")
             with gr.Row():
-                by_intent = gr.BarPlot(x="intent", y="rate", title="Handoff rate by intent", y_lim=[0, 1],
-                                       elem_id="plot-handoff-intent")
+                # horizontal bars: one row per intent, so 30 intent names stay readable
+                by_intent = gr.BarPlot(x="rate", y="intent", title="Handoff rate by intent", x_lim=[0, 1],
+                                       height=intent_chart_height(0), elem_id="plot-handoff-intent")
                 thumbs = gr.BarPlot(x="day", y="thumbs_up_rate", title="Thumbs-up rate", y_lim=[0, 1],
                                     elem_id="plot-thumbs")
             unanswered = gr.Dataframe(headers=["question", "count"], interactive=False, wrap=True,

@@ -86,3 +86,52 @@ def test_training_needs_approved_transcripts_and_exports_them(tmp_path):
 
     assert load_jsonl(path)[0].messages == rows[0]["messages"]
     store.close()
+
+
+def _approve(store: Store, n: int) -> list[str]:
+    """``n`` conversations, each with one corrected and approved reply; returns their ids."""
+    user = store.get_user("olga") or store.add_user("olga", "x" * 20)
+    ids = []
+    for i in range(n):
+        c = store.create_conversation().id
+        store.add_message(Message(conversation_id=c, role="user", text=f"Can I return item {i} after a month?"))
+        r = store.add_message(Message(conversation_id=c, role="assistant", text="maybe"))
+        store.annotate(r.id, user.id, f"Yes: item {i} can be returned within 90 days for a full refund.", True)
+        ids.append(c)
+    return ids
+
+
+def test_training_refuses_too_few_approved_conversations_before_it_starts(tmp_path):
+    from chatbot.config import Settings
+    from chatbot.errors import TooLittleDataError
+
+    s = Settings(data_dir=tmp_path / "var")
+    store = Store(s.resolved_database_url)
+    _approve(store, 2)
+    with pytest.raises(TooLittleDataError, match=r"2 approved conversation\(s\), at least train_min_examples=3"):
+        ops.train_from_approved(store, s, lambda *_: None)
+    assert not (s.data_dir / "training").exists()  # nothing exported, nothing trained
+    _approve(store, 1)
+    assert ops.check_trainable(store, s) == 3
+    store.close()
+
+
+@pytest.mark.slow
+def test_training_from_four_approved_conversations_states_the_run(tmp_path, chat_model_path):
+    from chatbot.config import Settings
+    from tests.finetune.sft_helpers import tiny_llama
+
+    tiny = tiny_llama(tmp_path / "tiny", chat_model_path)
+    s = Settings(data_dir=tmp_path / "var", model=tiny)
+    store = Store(s.resolved_database_url)
+    _approve(store, 4)
+    steps: list[str] = []
+    out = ops.train_from_approved(store, s, lambda p, msg: steps.append(msg))
+    store.close()
+    run = out["run"]
+    assert out["examples"] == 4 and run["examples"] == {"train": 4, "validation": 27, "test": 14}
+    assert run["steps"] == s.train_min_steps == 20 and run["step_learning_rate_min"] > 0
+    assert run["changes_model"] is True
+    assert "all 4 conversation(s) used for training" in out["summary"]
+    assert "20 optimizer step(s) (raised to min_steps 20)" in out["summary"]
+    assert "The adapter changes the model" in out["summary"]
