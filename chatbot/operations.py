@@ -358,5 +358,5 @@ def compare_adapter(settings, name: str, evaluate: bool = True) -> dict:
     return _finetune_module("adapters").compare_with_live(name, settings, evaluate=evaluate)
 
 
-__all__ = ["Job", "Jobs", "reindex", "save_uploads", "export_approved", "check_trainable", "train_from_approved", "list_adapters",
-           "promote_adapter", "rollback_adapter", "adapter_history", "compare_adapter", "ChatbotError"]
+__all__ = ["Job", "Jobs", "reindex", "save_uploads", "export_approved", "check_trainable", "train_from_approved",
+           "list_adapters", "promote_adapter", "rollback_adapter", "adapter_history", "compare_adapter", "ChatbotError"]
