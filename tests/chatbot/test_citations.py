@@ -89,7 +89,8 @@ def test_public_source_and_document_url():
     assert public_source("file:///srv/x.md", "x.md") == "x.md"
     assert public_source("ABCD guidelines.json: Returns", "returns.md") == "ABCD guidelines.json: Returns"
     assert public_source("https://help.example.com/size", "size.md") == "https://help.example.com/size"
-    assert document_url("", "faq/gift cards.md", "https://h.example/docs") == "https://h.example/docs/faq/gift%20cards.md"
+    assert document_url("", "faq/gift cards.md", "https://h.example/docs") == (
+        "https://h.example/docs/faq/gift%20cards.md")
     assert document_url("", "a.md", None) == ""
     assert document_url("https://h.example/a", "a.md", "https://b.example") == "https://h.example/a"
 
