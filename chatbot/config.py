@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     index_device: Literal["auto", "cpu", "gpu"] = Field(
         default="auto", description="Search a flat index on the GPU: auto (if faiss-gpu sees a GPU), cpu, gpu."
     )
+    docs_base_url: str | None = Field(
+        default=None,
+        description="Public http(s) address of the documents: a cited document without its own url (front matter "
+        "url:, an HTML page's canonical URL) links to this + its path relative to the ingested folder. None: such "
+        "documents are cited by title only (customers never see a server path).",
+    )
 
     # --- answers (chatbot.verification; docs/answers.md)
     answer_mode: Literal["verified", "generate", "extractive"] = Field(
@@ -254,6 +260,17 @@ class Settings(BaseSettings):
         if size is not None and v >= size:
             raise ValueError(f"chunk_overlap must be < chunk_tokens ({size}), got {v}")
         return v
+
+    @field_validator("docs_base_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from retrieval.loaders import public_url  # only when set: importing retrieval costs half a second
+
+        if not public_url(v):
+            raise ValueError(f"docs_base_url must be an http(s) URL such as https://help.example.com/docs/, got {v!r}")
+        return v.strip()
 
     @model_validator(mode="after")
     def _budget(self) -> "Settings":

@@ -72,13 +72,29 @@ CSV_FIELDS = ("conversation_id", "message_id", "created_at", "role", "text", "co
               "confidence", "rating", "comment", "cited_docs")
 
 
+#: First characters that make a spreadsheet read a cell as a formula (OWASP "CSV Injection").
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe_cell(value):
+    """A CSV cell that a spreadsheet shows as text: a string starting with ``=``, ``+``, ``-``, ``@``,
+    tab or carriage return gets a leading ``'`` (the OWASP "CSV Injection" advice, as dify PR #29462 did
+    in its export); other values are returned unchanged. ``'=SUM(1+1)`` shows as ``=SUM(1+1)`` in
+    Excel, LibreOffice and Google Sheets instead of being evaluated."""
+    if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS):
+        return "'" + value
+    return value
+
+
 def export_csv(store: Store, conversation_ids: list[str]) -> str:
-    """CSV with a header and one row per message (columns :data:`CSV_FIELDS`)."""
+    """CSV with a header and one row per message (columns :data:`CSV_FIELDS`), for a spreadsheet: text
+    cells that a spreadsheet would take for a formula are neutralised (:func:`csv_safe_cell`); the
+    JSONL export keeps the exact text."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
     for row in store.export_rows(conversation_ids):
-        w.writerow(row)
+        w.writerow({k: csv_safe_cell(v) for k, v in row.items()})
     return buf.getvalue()
 
 
@@ -603,5 +619,5 @@ def install_console(app: FastAPI, settings, mount_ui: bool = True) -> FastAPI:
     return app
 
 
-__all__ = ["install_console", "export_jsonl", "export_csv", "get_console", "request_user", "WIDGET_JS",
-           "CONVERSATION_STATUSES", "PermissionDeniedError"]
+__all__ = ["install_console", "export_jsonl", "export_csv", "csv_safe_cell", "get_console", "request_user",
+           "WIDGET_JS", "CONVERSATION_STATUSES", "PermissionDeniedError"]

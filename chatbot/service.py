@@ -13,6 +13,7 @@ import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
+from urllib.parse import quote
 
 from chatbot.admission import Admission, Ticket
 from chatbot.company import PlaceholderStream
@@ -85,12 +86,18 @@ def retrieval_queries(text: str, earlier: Sequence[str], reason: str | None = No
 
 @dataclass
 class Citation:
-    """A cited passage: ``number`` is its [n] in the prompt and the reply.
+    """A cited passage: ``number`` is its [n] in the prompt and the reply. Everything in it may be shown
+    to the customer, so it never holds a path on the server (see :func:`citations_from_hits`).
 
     Attributes:
+        doc_id: the document id (its path relative to the ingested folder, or a URL).
+        title: the document's title.
+        source: the document's source note (front matter ``source:``, a URL), or ``doc_id`` where
+            the index has a file path.
         passage: the passage text the answer was checked against (instructions to the assistant removed).
         spans: ``[start, end)`` character spans of ``passage`` that support the shown sentences
             (verified and extractive answers; empty in ``generate`` mode).
+        url: the document's public ``http(s)`` address, ``""`` when it has none.
     """
 
     number: int
@@ -100,15 +107,43 @@ class Citation:
     score: float
     passage: str = ""
     spans: list[tuple[int, int]] = field(default_factory=list)
+    url: str = ""
 
     def as_dict(self) -> dict:
         return {"number": self.number, "doc_id": self.doc_id, "title": self.title, "source": self.source,
-                "score": round(self.score, 4), "passage": self.passage, "spans": [list(sp) for sp in self.spans]}
+                "url": self.url, "score": round(self.score, 4), "passage": self.passage,
+                "spans": [list(sp) for sp in self.spans]}
 
 
-def citations_from_hits(hits: Sequence[Hit]) -> list[Citation]:
-    """One citation per passage, numbered as in the prompt ([1] is the first passage)."""
-    return [Citation(i, h.doc_id, h.title, h.source, h.score, h.text) for i, h in enumerate(hits, 1)]
+def public_source(source: str, doc_id: str) -> str:
+    """``source`` as a customer may see it: a file path (absolute, ``file:``, ``~``, or one that ends
+    in the document id, as the loaders record a file without a front-matter source) becomes ``doc_id``."""
+    s = (source or "").strip()
+    slashed = s.replace("\\", "/")
+    is_path = (slashed.startswith(("/", "~", "file:")) or re.match(r"^[A-Za-z]:/", slashed) is not None
+               or (bool(doc_id) and slashed.endswith("/" + doc_id.replace("\\", "/"))))
+    return doc_id if is_path or not s else s
+
+
+def document_url(hit_url: str, doc_id: str, docs_base_url: str | None = None) -> str:
+    """The public address of a cited document: its own ``url`` (front matter, canonical URL), else an
+    ``http(s)`` ``doc_id``, else ``docs_base_url`` + ``doc_id`` (percent-encoded) when that setting is
+    configured, else ``""``."""
+    if hit_url:
+        return hit_url
+    if doc_id.startswith(("http://", "https://")):
+        return doc_id
+    if docs_base_url and doc_id:
+        return docs_base_url.rstrip("/") + "/" + quote(doc_id.replace("\\", "/").lstrip("/"))
+    return ""
+
+
+def citations_from_hits(hits: Sequence[Hit], docs_base_url: str | None = None) -> list[Citation]:
+    """One citation per passage, numbered as in the prompt ([1] is the first passage), with its public
+    ``url`` (:func:`document_url`) and a ``source`` that is never a server path (:func:`public_source`)."""
+    return [Citation(i, h.doc_id, h.title, public_source(h.source, h.doc_id), h.score, h.text,
+                     url=document_url(getattr(h, "url", ""), h.doc_id, docs_base_url))
+            for i, h in enumerate(hits, 1)]
 
 
 #: Turn.answer_kind values: how the reply that reached the customer was made
@@ -596,7 +631,7 @@ class Assistant:
             user_text=user_text,
             prompt=prompt,
             params=params,
-            citations=citations_from_hits(prompt.hits),
+            citations=citations_from_hits(prompt.hits, self.settings.docs_base_url),
             index_version=index_version,
             channel=channel,
             route=route,
@@ -657,7 +692,8 @@ class Assistant:
             request_id=uuid.uuid4().hex, conversation_id=conversation_id or uuid.uuid4().hex,
             new_conversation=new, user_text=user_text,
             prompt=BuiltPrompt(messages=[], hits=list(hits), history_kept=0, prompt_tokens=0),
-            params=GenerationParams(max_tokens=1), citations=citations_from_hits(hits), index_version=index_version,
+            params=GenerationParams(max_tokens=1), citations=citations_from_hits(hits, self.settings.docs_base_url),
+            index_version=index_version,
             channel=channel, route=route, fixed_reply=reply, answer_kind=kind, mode=self.settings.answer_mode,
             _assistant=self,
         )

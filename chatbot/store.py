@@ -725,9 +725,11 @@ class Store:
         """Conversations matching every given filter, newest first.
 
         Args:
-            text: a substring of any message (case-insensitive).
+            text: a substring of any message (case-insensitive, taken literally: ``%`` and ``_`` are
+                no wildcards). A text with a NUL character matches nothing: no stored message holds
+                one (PostgreSQL text cannot, and SQLite's LIKE would cut the pattern there and match all).
             since, until: ``started_at`` bounds (inclusive, exclusive).
-            intent: a routed intent of one of its customer messages.
+            intent: a routed intent of one of its customer messages (one with a NUL matches nothing).
             status: ``bot`` | ``handoff`` | ``human`` | ``closed``.
             feedback: ``up`` / ``down`` (has such a rating), ``any`` or ``none``.
             limit, offset: paging.
@@ -747,6 +749,9 @@ class Store:
             raise InvalidInputError(f"feedback must be one of up, down, any, none, got {feedback!r}")
         if limit < 1:
             raise InvalidInputError(f"limit must be >= 1, got {limit}")
+
+        if (text and "\x00" in text) or (intent and "\x00" in intent):
+            return []
 
         def fn(s: Session) -> list[dict]:
             q = select(Conversation)

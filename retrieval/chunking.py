@@ -271,6 +271,7 @@ def chunk_document(
                 doc_id=doc.doc_id,
                 title=doc.title,
                 source=doc.source,
+                url=doc.url,
                 headings=list(headings),
                 text=text,
                 position=pos,

@@ -28,10 +28,13 @@ class Document:
     Attributes:
         doc_id: stable id (the path relative to the ingested root, or a URL).
         title: human title (first heading, front matter, or file name).
-        source: where it came from (path or URL), shown in citations.
+        source: where it came from (a note, a URL, or the file's path on the ingesting machine: for
+            staff and the index manifest; customers are shown the title and ``url`` instead).
         text: the full text (Markdown for Markdown/HTML/DOCX input).
         format: ``"markdown"`` or ``"text"``; decides how headings are found.
         metadata: anything else the loader knows (license note, flow, ...).
+        url: the document's public ``http(s)`` address for customers (front matter ``url:``, an HTML
+            page's canonical URL), or ``""`` when it has none.
     """
 
     doc_id: str
@@ -40,11 +43,12 @@ class Document:
     text: str
     format: str = "markdown"
     metadata: dict = field(default_factory=dict)
+    url: str = ""
 
     @property
     def sha256(self) -> str:
-        """Hash of the title and text; a changed hash means re-chunk."""
-        return text_hash(self.title + "\n" + self.text)
+        """Hash of the title, text and public URL; a changed hash means re-chunk."""
+        return text_hash(self.title + "\n" + self.text + (f"\n{self.url}" if self.url else ""))
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Chunk:
         headings: the section heading path, outermost first.
         text: the chunk's text as it appears in the document.
         position: index of the chunk within its document.
+        url: the parent document's public URL (``""`` when none; chunks of older indexes lack it).
     """
 
     chunk_id: int
@@ -66,6 +71,7 @@ class Chunk:
     headings: list[str]
     text: str
     position: int
+    url: str = ""
 
     def embedding_text(self) -> str:
         """Text given to the embedder: title and heading path, then the chunk text."""
@@ -90,6 +96,7 @@ class Hit:
         bm25_score: the chunk's BM25 score when BM25 found it (bm25 and hybrid modes), else None.
         fused_score: reciprocal-rank-fusion score in hybrid mode, else None.
         headings: the chunk's section heading path, outermost first.
+        url: the document's public URL (``""`` when none).
     """
 
     chunk_id: int
@@ -103,3 +110,4 @@ class Hit:
     bm25_score: float | None = None
     fused_score: float | None = None
     headings: list[str] = field(default_factory=list)
+    url: str = ""

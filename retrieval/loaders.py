@@ -3,7 +3,7 @@
 Formats and parsers:
 
 * Markdown (``.md``, ``.markdown``): read here; front matter (``---`` YAML block)
-  gives ``title`` and ``source``.
+  gives ``title``, ``source`` and the public ``url`` (an ``http(s)`` ``source`` is the URL too).
 * Plain text (``.txt``, ``.text``): read here; no headings.
 * HTML (``.html``, ``.htm``): BeautifulSoup (``beautifulsoup4``) parses and decodes
   the page (charset from ``<meta>``), drops non-text elements (script, style,
@@ -12,8 +12,8 @@ Formats and parsers:
   chunker stays heading-aware. We chose these two over ``trafilatura``: trafilatura
   extracts the "main content" heuristically and may drop sections of a help-centre
   page, while we want every visible paragraph of the document kept, with its headings.
-  Title: ``<title>``, else the first ``<h1>``; source: ``<link rel=canonical>`` or
-  ``og:url``, else the path.
+  Title: ``<title>``, else the first ``<h1>``; source (and public URL when ``http(s)``):
+  ``<link rel=canonical>`` or ``og:url``, else the path.
 * PDF (``.pdf``): ``pypdf`` (pure Python, maintained) extracts the text layer page by
   page; title from the PDF metadata, else the file name. PDFs carry no reliable
   heading structure, so they are chunked as plain text. Encrypted PDFs (unless
@@ -79,15 +79,39 @@ def _split_front_matter(text: str) -> tuple[dict, str]:
     return meta, text[m.end() :]
 
 
+def public_url(value: object) -> str:
+    """``value`` when it is an absolute ``http``/``https`` URL with a host (what a customer's browser may
+    open), else ``""``: a path, ``javascript:``, ``file:`` or ``data:`` address is never a public URL."""
+    from urllib.parse import urlsplit
+
+    text = str(value or "").strip()
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return ""
+    ok = parts.scheme.lower() in ("http", "https") and bool(parts.netloc) and not any(c.isspace() for c in text)
+    return text if ok else ""
+
+
 def load_markdown(path: Path, doc_id: str) -> Document:
-    """Read a Markdown file; title from front matter, else the first ``# `` heading, else the file name."""
+    """Read a Markdown file; title from front matter, else the first ``# `` heading, else the file name.
+
+    Front matter ``url:`` is the document's public address (an ``http(s)`` URL; anything else is
+    ignored with a warning); without it an ``http(s)`` ``source:`` is.
+    """
     meta, body = _split_front_matter(_read_text(path))
     title = str(meta.pop("title", "") or "")
     if not title:
         m = _H1.search(body)
         title = m.group(1).strip() if m else path.stem.replace("_", " ").replace("-", " ")
     source = str(meta.pop("source", "") or path.as_posix())
-    return Document(doc_id=doc_id, title=title, source=source, text=body, format="markdown", metadata=meta)
+    raw_url = meta.pop("url", None)
+    url = public_url(raw_url)
+    if raw_url and not url:
+        log.warning("%s: front matter url must be an http(s) URL, got %r; the document has no public URL",
+                    path, raw_url)
+    return Document(doc_id=doc_id, title=title, source=source, text=body, format="markdown", metadata=meta,
+                    url=url or public_url(source))
 
 
 def load_text(path: Path, doc_id: str) -> Document:
@@ -148,6 +172,7 @@ def load_html(path: Path, doc_id: str) -> Document:
         text=_tidy_markdown(text),
         format="markdown",
         metadata={"format": "html"},
+        url=public_url(source),
     )
 
 

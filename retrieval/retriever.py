@@ -233,7 +233,7 @@ class Retriever:
             c = v.chunks[cid]
             hits.append(
                 Hit(cid, c.doc_id, c.title, c.source, c.text, float(score), rank=len(hits) + 1, mode=mode,
-                    bm25_score=bm25.get(cid), fused_score=fused.get(cid), headings=list(c.headings))
+                    bm25_score=bm25.get(cid), fused_score=fused.get(cid), headings=list(c.headings), url=c.url)
             )
             if len(hits) == top_k:
                 break

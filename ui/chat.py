@@ -12,6 +12,7 @@ Embed it in another site with the script tag served at ``/widget.js`` (see READM
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable, Sequence
 
 from chatbot.errors import ChatbotError
@@ -51,12 +52,35 @@ def _field(c, name: str, default=None):
     return c.get(name, default) if isinstance(c, dict) else getattr(c, name, default)
 
 
-def escape_markdown(text: str) -> str:
-    """``text`` shown literally in Markdown (no emphasis, links, images or HTML from a document)."""
-    text = text.replace("\\", "\\\\").replace("<", "&lt;").replace(">", "&gt;")
-    for ch in "*_`[]!#|~":
-        text = text.replace(ch, "\\" + ch)
-    return text.replace("\r", " ").replace("\n", " ")
+#: Every ASCII punctuation character: CommonMark lets each be backslash-escaped to stand for itself.
+_MD_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")
+_LEADING_SPACE = re.compile(r"^[ \t]+", re.M)
+
+
+def escape_markdown(text: str, keep_lines: bool = False) -> str:
+    """Markdown that renders as exactly ``text``: no emphasis, heading, list, link, autolink, image, HTML
+    tag or entity of its own. Used for what customers and staff write, and for document text quoted
+    under an answer.
+
+    Every ASCII punctuation character is backslash-escaped (CommonMark: "any ASCII punctuation character
+    may be backslash-escaped"; this also stops GFM autolinks such as ``http://`` and ``www.``, which need
+    the bare ``:`` / ``.``), and leading spaces become ``&nbsp;`` so an indented line is no code block.
+
+    Args:
+        keep_lines: keep line breaks (as Markdown hard breaks, two spaces and a newline); otherwise
+            each line break becomes a space (one line, e.g. an excerpt in a list item).
+    """
+    text = _MD_PUNCT.sub(r"\\\1", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _LEADING_SPACE.sub(lambda m: "&nbsp;" * len(m.group(0).expandtabs(4)), text)
+    return text.replace("\n", "  \n") if keep_lines else text.replace("\n", " ")
+
+
+def customer_text(text: str) -> str:
+    """A message a customer or a staff member wrote, for a Markdown view (the chat window, the staff
+    transcript): shown as the exact text, line breaks kept; nothing in it is rendered as Markdown or
+    HTML, so ``<script>``, ``<iframe>``, ``<img src=x>`` and ``![t](http://...)`` are visible text and
+    make the browser load nothing."""
+    return escape_markdown(text, keep_lines=True)
 
 
 def safe_reply(text: str) -> str:
@@ -78,9 +102,24 @@ def highlight_spans(passage: str, spans: Sequence, window: int = 80) -> str:
     return " ".join(parts)
 
 
+def _link(label_md: str, url: str) -> str:
+    """``label_md`` as a Markdown link to ``url`` when that is an ``http(s)`` URL, else the label alone.
+    The address is percent-encoded and given in ``<...>``, so no character of it ends the link."""
+    from urllib.parse import quote
+
+    if not url.startswith(("http://", "https://")):
+        return label_md
+    return f"[{label_md}](<{quote(url, safe=_URL_SAFE)}>)"
+
+
+#: characters left as they are in a cited document's URL (reserved and unreserved ones, and ``%``)
+_URL_SAFE = ":/?#[]@!$&'()*+,;=%~-._"
+
+
 def format_sources(citations: Sequence) -> str:
-    """Markdown block under an answer: each cited passage ``[n] Title (source)`` and, for a verified
-    or extractive answer, the passage text its sentences rest on with the supporting span in bold.
+    """Markdown block under an answer: each cited document ``[n] Title``, the title a link to the
+    document's public ``url`` where it has one (never a path on the server), and, for a verified or
+    extractive answer, the passage text its sentences rest on with the supporting span in bold.
     Passages no shown sentence used are left out when some have spans; empty without citations.
 
     ``citations``: :class:`chatbot.service.Citation` objects or their ``as_dict()`` dicts.
@@ -90,7 +129,8 @@ def format_sources(citations: Sequence) -> str:
     used = [c for c in citations if _field(c, "spans")]
     lines = []
     for c in used or citations:
-        line = f"[{_field(c, 'number')}] {escape_markdown(str(_field(c, 'title', '')))} ({escape_markdown(str(_field(c, 'source', '')))})"
+        title = escape_markdown(str(_field(c, "title", "") or _field(c, "doc_id", "")))
+        line = f"\\[{_field(c, 'number')}\\] " + _link(title, str(_field(c, "url", "") or ""))
         if _field(c, "spans"):
             line += "\n  > " + highlight_spans(_field(c, "passage", ""), _field(c, "spans"))
         lines.append(line)
@@ -126,12 +166,12 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
     async def respond(message: str, history: list, conversation_id: str | None, msg_ids: dict, status: str):
         history = list(history or [])
         msg_ids = dict(msg_ids or {})
-        history.append({"role": "user", "content": message})
+        history.append({"role": "user", "content": customer_text(message)})
         history.append({"role": "assistant", "content": ""})
         try:
             turn = await get_assistant().start_turn(conversation_id, message, channel="web")
         except ChatbotError as exc:
-            history[-1]["content"] = f"Sorry, I could not process that message: {exc}"
+            history[-1]["content"] = f"Sorry, I could not process that message: {escape_markdown(str(exc))}"
             yield history, conversation_id, "", msg_ids, status, _ref(conversation_id)
             return
         text = ""
@@ -141,7 +181,7 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
                 history[-1]["content"] = safe_reply(text)
                 yield history, conversation_id, "", msg_ids, status, _ref(conversation_id)
         except ChatbotError as exc:
-            history[-1]["content"] = f"{safe_reply(text)}\n\nSorry, something went wrong: {exc}"
+            history[-1]["content"] = f"{safe_reply(text)}\n\nSorry, something went wrong: {escape_markdown(str(exc))}"
             yield history, conversation_id, "", msg_ids, status, _ref(conversation_id)
             return
         if turn.held:  # the handoff notice is a notice of its own, not a bot reply
@@ -159,7 +199,8 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
         try:
             h = await get_assistant().request_handoff(conversation_id, "customer_request", channel="web")
         except ChatbotError as exc:
-            history.append({"role": "assistant", "content": f"Sorry, I could not reach our support team: {exc}"})
+            history.append({"role": "assistant",
+                            "content": f"Sorry, I could not reach our support team: {escape_markdown(str(exc))}"})
             return history, conversation_id, status, _ref(conversation_id)
         history.append({"role": "assistant", "content": notice(QUEUED_NOTICE)})
         return history, h.conversation_id, "handoff", _ref(h.conversation_id)
@@ -189,7 +230,7 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
             return gr.skip(), gr.skip(), gr.skip()
         history = list(history or [])
         for m in new:
-            history.append({"role": "assistant", "content": STAFF_PREFIX + m.text})
+            history.append({"role": "assistant", "content": STAFF_PREFIX + customer_text(m.text)})
         if conv.status != status and conv.status in ("bot", "closed"):
             history.append({"role": "assistant", "content": notice(RETURNED_NOTICE if conv.status == "bot"
                                                                    else CLOSED_NOTICE)})
@@ -202,9 +243,10 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
         msg_ids = gr.State({})  # chat index (str) -> stored message id, for thumbs up/down
         last_seen = gr.State(0)  # newest staff message shown
         status = gr.State("bot")
-        # one bubble per message: a notice after a reply is not drawn inside the reply's bubble under its sources
+        # one bubble per message: a notice after a reply is not drawn inside the reply's bubble under its sources;
+        # latex off: a customer's "$$...$$" stays text (messages are escaped, see customer_text / safe_reply)
         chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chat", feedback_options=("Like", "Dislike"),
-                             group_consecutive_messages=False)
+                             group_consecutive_messages=False, latex_delimiters=[])
         box = gr.Textbox(
             placeholder="Type your question and press Enter", show_label=False, elem_id="message", autofocus=True
         )

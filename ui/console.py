@@ -20,7 +20,7 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 from chatbot.errors import ChatbotError
-from ui.chat import escape_markdown, format_sources
+from ui.chat import customer_text, escape_markdown, format_sources, safe_reply
 
 log = logging.getLogger(__name__)
 
@@ -53,68 +53,76 @@ def _fmt_metric(v) -> str:
 
 def render_transcript(t: dict) -> str:
     """Markdown of a transcript (:meth:`chatbot.store.Store.transcript`): each message with its role,
-    time, intent and confidence, citations and retrieved chunks, versions, latency, feedback and review."""
+    time, intent and confidence, citations and retrieved chunks, versions, latency, feedback and review.
+
+    What customers and staff wrote (messages, slot values, feedback comments, corrections) is shown as
+    text (:func:`ui.chat.customer_text`); the bot's replies keep their Markdown without HTML or images
+    (:func:`ui.chat.safe_reply`), so opening a transcript makes the browser load nothing a customer chose."""
+    e = escape_markdown
     c = t["conversation"]
     lines = [f"### Conversation `{c['id']}`",
              f"status **{c['status']}** · channel {c['channel']} · started {_fmt_time(c['started_at'])} UTC"]
     for h in t.get("handoffs") or []:
-        lines.append(f"- handoff #{h['id']}: {h['reason']} ({h['status']}"
-                     f"{', ' + h['assigned_to'] if h.get('assigned_to') else ''})")
+        lines.append(f"- handoff #{h['id']}: {e(str(h['reason']))} ({h['status']}"
+                     f"{', ' + e(h['assigned_to']) if h.get('assigned_to') else ''})")
     lines.append("")
     for m in t["messages"]:
-        who = {"user": "Customer", "assistant": "Assistant", "staff": f"Staff ({m.get('author') or '?'})"}[m["role"]]
+        who = {"user": "Customer", "assistant": "Assistant",
+               "staff": f"Staff ({e(m.get('author') or '?')})"}[m["role"]]
         lines.append(f"**#{m['id']} {who}** · {_fmt_time(m['created_at'])}")
         lines.append("")
-        lines.append("> " + (m["text"] or "").replace("\n", "\n> "))
+        shown = safe_reply(m["text"] or "") if m["role"] == "assistant" else customer_text(m["text"] or "")
+        lines.append("> " + shown.replace("\n", "\n> "))
         meta = []
         if m.get("intent"):
             conf = f" ({m['confidence']:.2f})" if m.get("confidence") is not None else ""
-            meta.append(f"intent **{m['intent']}**{conf}")
+            meta.append(f"intent **{e(m['intent'])}**{conf}")
         if m.get("action"):
-            meta.append(f"action {m['action']}")
+            meta.append(f"action {e(m['action'])}")
         if m.get("slots"):
-            meta.append("slots " + ", ".join(f"{s.get('type')}={s.get('value')}" for s in m["slots"]))
+            meta.append("slots " + ", ".join(f"{e(str(s.get('type')))}={e(str(s.get('value')))}" for s in m["slots"]))
         if m.get("redactions"):
-            meta.append("redacted " + ", ".join(f"{k}×{v}" for k, v in m["redactions"].items()))
+            meta.append("redacted " + ", ".join(f"{e(str(k))}×{v}" for k, v in m["redactions"].items()))
         if m["role"] == "assistant":
             if m.get("answer_kind"):
-                meta.append(f"answer {m['answer_kind']}")
+                meta.append(f"answer {e(m['answer_kind'])}")
             if m.get("finish_reason") == "length":
                 meta.append("✂️ cut at the token limit (finish_reason length)")
             if m.get("citations"):
-                meta.append("sources " + "; ".join(f"[{x['number']}] {x['title']} ({x['doc_id']}, {x['score']})"
-                                                   for x in m["citations"]))
+                meta.append("sources " + "; ".join(f"\\[{x['number']}\\] {e(str(x['title']))} ({e(str(x['doc_id']))}, "
+                                                   f"{x['score']})" for x in m["citations"]))
             else:
                 meta.append("no sources")
             if m.get("chunk_ids"):
                 scores = m.get("chunk_scores") or []
-                meta.append("chunks " + ", ".join(f"{cid}:{s}" for cid, s in zip(m["chunk_ids"], scores, strict=False)))
+                meta.append("chunks " + ", ".join(f"{e(str(cid))}:{s}"
+                                                  for cid, s in zip(m["chunk_ids"], scores, strict=False)))
             if m.get("latency_ms") is not None:
                 meta.append(f"{m['latency_ms']:.0f} ms, {m.get('prompt_tokens')}+{m.get('completion_tokens')} tokens")
-            versions = [f"index {m['index_version']}" if m.get("index_version") else "",
-                        f"adapter {m['adapter_version']}" if m.get("adapter_version") else ""]
+            versions = [f"index {e(m['index_version'])}" if m.get("index_version") else "",
+                        f"adapter {e(m['adapter_version'])}" if m.get("adapter_version") else ""]
             meta += [v for v in versions if v]
         fb = m.get("feedback")
         if fb:
             meta.append(("👍 thumbs up" if fb["rating"] > 0 else "👎 thumbs down")
-                        + (f": {fb['comment']}" if fb.get("comment") else ""))
+                        + (f": {e(fb['comment'])}" if fb.get("comment") else ""))
         a = m.get("annotation")
         if a:
             if a.get("corrected_text"):
-                meta.append(f"corrected by {a.get('author') or '?'}: “{a['corrected_text']}”")
+                meta.append(f"corrected by {e(a.get('author') or '?')}: “{e(a['corrected_text'])}”")
             if a.get("approved"):
-                meta.append(f"✅ approved for training by {a.get('approved_by') or '?'}")
+                meta.append(f"✅ approved for training by {e(a.get('approved_by') or '?')}")
         if meta:
             lines.append("")
-            lines.append("<small>" + " · ".join(html.escape(x) for x in meta) + "</small>")
+            lines.append("<small>" + " · ".join(meta) + "</small>")  # each value escaped above
         if m["role"] == "assistant" and any(c.get("spans") for c in m.get("citations") or []):
             lines.append("")
             lines.append("Supported by:" + format_sources(m["citations"]).split("**Sources**", 1)[1])
         if m.get("withheld"):  # generated sentences verification did not show the customer
             lines.append("")
             lines.append("Withheld (not shown to the customer):")
-            lines += [f"- ~~{escape_markdown(w.get('text', ''))}~~ ({html.escape(str(w.get('reason')))}"
-                      + (f": {html.escape(', '.join(map(str, w['claims'])))}" if w.get("claims") else "") + ")"
+            lines += [f"- ~~{e(w.get('text', ''))}~~ ({e(str(w.get('reason')))}"
+                      + (f": {e(', '.join(map(str, w['claims'])))}" if w.get("claims") else "") + ")"
                       for w in m["withheld"]]
         lines.append("")
     return "\n".join(lines)
@@ -329,7 +337,7 @@ def build_console_ui(get_assistant: Callable[[], object], app):
             with gr.Row():
                 cid = gr.Textbox(label="Conversation id", elem_id="conv-id", scale=3)
                 open_btn = gr.Button("Open", elem_id="open", scale=1)
-            transcript = gr.Markdown(elem_id="transcript")
+            transcript = gr.Markdown(elem_id="transcript", latex_delimiters=[])  # "$$" a customer typed stays text
             with gr.Group():
                 reply_pick = gr.Dropdown(label="Reply to review", choices=[], elem_id="reply-pick")
                 corrected = gr.Textbox(label="Corrected reply", lines=4, elem_id="corrected")
@@ -355,7 +363,7 @@ def build_console_ui(get_assistant: Callable[[], object], app):
                 back_btn = gr.Button("Hand back to the bot", elem_id="hand-back")
                 close_btn = gr.Button("Close conversation", elem_id="close-conv")
             hstatus = gr.Markdown(elem_id="handoff-status")
-            htranscript = gr.Markdown(elem_id="handoff-transcript")
+            htranscript = gr.Markdown(elem_id="handoff-transcript", latex_delimiters=[])
             staff_text = gr.Textbox(label="Reply to the customer", lines=3, elem_id="staff-reply")
             send_btn = gr.Button("Send reply", elem_id="send-reply")
             queue_timer = gr.Timer(5.0)

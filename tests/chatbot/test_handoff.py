@@ -142,6 +142,8 @@ def test_console_api_review_and_export(client):
     staff = _login(client, "sam", "staff-password")
     found = client.get("/console/api/conversations", params={"q": "ADDRESS"}, headers=staff).json()["conversations"]
     assert [c["id"] for c in found] == [cid]
+    r = client.get("/console/api/conversations?q=%00", headers=staff)  # a NUL: no message holds one
+    assert r.status_code == 200 and r.json()["conversations"] == []
     t = client.get(f"/console/api/conversations/{cid}", headers=staff).json()
     reply_id = t["messages"][1]["id"]
     r = client.put(f"/console/api/messages/{reply_id}/annotation", headers=staff,

