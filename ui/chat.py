@@ -163,13 +163,17 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
     """
     import gradio as gr
 
-    async def respond(message: str, history: list, conversation_id: str | None, msg_ids: dict, status: str):
+    async def respond(message: str, history: list, conversation_id: str | None, msg_ids: dict, status: str,
+                      request: gr.Request):
         history = list(history or [])
         msg_ids = dict(msg_ids or {})
         history.append({"role": "user", "content": customer_text(message)})
         history.append({"role": "assistant", "content": ""})
         try:
-            turn = await get_assistant().start_turn(conversation_id, message, channel="web")
+            # the page's customers get the same per-client admission share as API clients (the address is the
+            # proxy's client when the proxy is trusted: the API's ProxyHeadersMiddleware wraps this page too)
+            client = request.client.host if request is not None and request.client else None
+            turn = await get_assistant().start_turn(conversation_id, message, channel="web", client=client)
         except ChatbotError as exc:
             history[-1]["content"] = f"Sorry, I could not process that message: {escape_markdown(str(exc))}"
             yield history, conversation_id, "", msg_ids, status, _ref(conversation_id)
