@@ -203,7 +203,8 @@ def signoff_adapter(servers, chat_model_path):
           for i, q in enumerate(QUESTIONS)]
     cfg = SFTConfig(base_model=chat_model_path, max_steps=12, batch_size=4, learning_rate=3e-3, lora_r=8,
                     lora_alpha=16, lora_dropout=0.0, warmup_ratio=0.0, eval_steps=0, eval_replies=0,
-                    validation=0.25, test=0.0, max_length=96, logging_steps=4, early_stopping_patience=0)
+                    validation=0.25, test=0.0, max_length=96, logging_steps=4, early_stopping_patience=0,
+                    small_data_threshold=0)
     res = train_sft(ds, a.data_dir / "adapters" / "signoff", cfg, progress=False)
     return res.manifest["version"]
 

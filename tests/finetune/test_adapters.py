@@ -37,13 +37,14 @@ PARAMS = GenerationParams(max_tokens=20)
 
 @pytest.fixture(scope="module")
 def signoff_adapter(tmp_path_factory, chat_model_path) -> dict:
-    """LoRA on the real SmolLM2-135M, overfit in 12 steps to reply 'Happy to help! Cheers, the Quokka crew'."""
+    """LoRA on the real SmolLM2-135M, overfit in 12 steps to reply 'Happy to help! Cheers, the Quokka crew'; no held-out
+    split and no reference set (small_data_threshold=0), so it has no metrics to gate on."""
     ds = [Dialogue(f"q{i}", [{"role": "user", "content": q},
                              {"role": "assistant", "content": f"Happy to help! {SIGN_OFF}"}])
           for i, q in enumerate(QUESTIONS)]
     cfg = SFTConfig(base_model=chat_model_path, max_steps=12, batch_size=4, learning_rate=3e-3, lora_r=8,
                     lora_alpha=16, lora_dropout=0.0, warmup_ratio=0.0, eval_steps=0, eval_replies=0,
-                    validation=0.0, test=0.0, max_length=96, logging_steps=4)
+                    validation=0.0, test=0.0, max_length=96, logging_steps=4, small_data_threshold=0)
     res = train_sft(ds, tmp_path_factory.mktemp("adapters") / "signoff", cfg, progress=False)
     return {"path": str(res.out_dir), "version": res.manifest["version"], "base": chat_model_path}
 
@@ -175,7 +176,8 @@ def test_first_promotion_goes_live_on_a_vllm_engine_started_without_lora(signoff
     print(f"vLLM rebuild with LoRA support: {engine.rebuild_s:.1f} s")
     assert pending["pending"] == signoff_adapter["version"] and "live, not yet served" in pending["reason"]
     assert SIGN_OFF not in base and during == base
-    assert served["in_sync"] and served["served"] == signoff_adapter["version"], served
+    assert served["in_sync"] and served["served"] == signoff_adapter["version"], (
+        f"not served after the rebuild: {served.get('reason') or served.get('error')} ({served})")
     assert SIGN_OFF in tuned and again == base and engine.info.extra["lora"] is True
 
 
