@@ -199,12 +199,15 @@ class VLLMEngine(Engine):
         self.rebuild_s = time.perf_counter() - t0
         log.info("vLLM engine rebuilt with LoRA support in %.1f s; new requests use it", self.rebuild_s)
         want, self._want = self._want, None
-        self.pending_adapter = None
-        if want is not None:
+        # pending_adapter stays set until the adapter is loaded (set_adapter clears it), so nobody reads
+        # "nothing pending, nothing served" while add_lora is still running.
+        if want is None:
+            self.pending_adapter = self.pending_reason = None
+        else:
             try:
                 await self.set_adapter(*want)
             except EngineError as exc:
-                self.pending_reason = str(exc)
+                self.pending_adapter, self.pending_reason = None, str(exc)
                 log.error("%s", exc)
         if old is not None:
             self._retiring.append(old)
