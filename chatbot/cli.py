@@ -506,7 +506,9 @@ def cmd_train(args) -> int:
 
     s = _settings()
     cfg = {"base_model": args.base_model or s.model, "min_steps": s.train_min_steps,
-           "min_examples": s.train_min_examples, "small_data_threshold": s.train_small_data_threshold}
+           "min_examples": s.train_min_examples, "small_data_threshold": s.train_small_data_threshold,
+           "max_eval_samples": s.train_eval_samples, "eval_replies": s.train_eval_replies,
+           "eval_max_new_tokens": s.train_eval_max_new_tokens}
     for name in ("method", "epochs", "max_steps", "min_steps", "min_examples", "small_data_threshold", "batch_size",
                  "grad_accum", "learning_rate", "max_length", "truncation", "lora_r", "lora_alpha", "lora_dropout",
                  "eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "precision", "seed", "validation", "test", "eval_replies",

@@ -192,6 +192,18 @@ class Settings(BaseSettings):
         default=20, ge=0, description="Training: with fewer conversations none is held out; the adapter is evaluated "
                                       "on the fixed reference set data/eval/sft_reference instead (0: always split).",
     )
+    train_eval_samples: int = Field(
+        default=200, ge=1, description="Training: validation dialogues whose loss is scored, for the adapter and the "
+                                       "base model (finetune.sft.SFTConfig.max_eval_samples).",
+    )
+    train_eval_replies: int = Field(
+        default=100, ge=0, description="Training: test dialogues whose replies are generated and scored (ROUGE-L, "
+                                       "self-stop rate), for the adapter and the base model (0: none).",
+    )
+    train_eval_max_new_tokens: int = Field(
+        default=256, ge=1, description="Training: new-token budget of those test replies (most of the evaluation's "
+                                       "time on CPU: 2 x 14 reference replies of 256 tokens take ~6 min on 2 cores).",
+    )
     adapter_gate_max_val_loss_increase: float = Field(
         default=0.01, ge=0.0, description="Promotion gate: validation loss may exceed the live one's by this (nats)."
     )

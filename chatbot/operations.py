@@ -281,14 +281,16 @@ def _adapters_dir(settings) -> Path:
 def _finetune_train(data: Path, settings, report: Report) -> dict:
     """Train a LoRA adapter on ``data`` (chat-SFT JSONL) with :func:`finetune.sft.train_sft` and its
     default :class:`~finetune.sft.SFTConfig` on the configured chat model, with the ``train_*`` settings
-    (least steps, least examples, small-data threshold) and the system prompt (put into the reference
-    dialogues as into the export); the adapter folder goes into the adapter registry folder, named
-    ``approved-<time>``."""
+    (least steps, least examples, small-data threshold, evaluation size and reply budget) and the system prompt
+    (put into the reference dialogues as into the export); the adapter folder goes into the adapter registry
+    folder, named ``approved-<time>``."""
     sft = _finetune_module("sft")
     name = data.stem
     config = sft.SFTConfig(base_model=settings.model, system_prompt=settings.system_prompt,
                            min_steps=settings.train_min_steps, min_examples=settings.train_min_examples,
-                           small_data_threshold=settings.train_small_data_threshold)
+                           small_data_threshold=settings.train_small_data_threshold,
+                           max_eval_samples=settings.train_eval_samples, eval_replies=settings.train_eval_replies,
+                           eval_max_new_tokens=settings.train_eval_max_new_tokens)
     res = sft.train_sft([data], _adapters_dir(settings) / name, config, cache_dir=settings.cache_dir, name=name)
     m = dict(res.manifest or {})
     return {"summary": f"trained adapter {m.get('version', name)}: {m.get('summary', '')}".strip(),

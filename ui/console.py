@@ -549,6 +549,15 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         await a.adapters.sync(a.engine)
         return f"**Rolled back** by {user.username}: live is now {out['live'] or 'the base model'}.\n\n{served_line()}"
 
+    async def adapters_after_training(seen, request: gr.Request):
+        """The adapter list again once a training job has finished that this page has not shown yet, so the new
+        adapter appears without pressing Refresh; ``seen`` is the id of the last finished job shown."""
+        job = latest("train")
+        done = job["id"] if job and job["status"] == "done" else None
+        if done is None or done == seen:
+            return gr.skip(), gr.skip(), gr.skip(), seen
+        return (*await adapters(request), done)
+
     def analytics(since, until, request: gr.Request):
         _user(app, request, "operator")
         try:
@@ -598,6 +607,7 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
             adapter_result = gr.Markdown(elem_id="adapter-result")
             gr.Markdown("**Promotions and rollbacks** (audit log, newest first)")
             adapter_history = gr.Dataframe(interactive=False, wrap=True, elem_id="adapter-history")
+            shown_train_job = gr.State(None)
         with gr.Tab("Analytics"):
             with gr.Row():
                 a_since = gr.Textbox(label="From (YYYY-MM-DD)", elem_id="analytics-since")
@@ -625,6 +635,8 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         timer.tick(progress, None, [reindex_status, train_status], show_progress="hidden")
         adapter_outs = [adapters_df, adapters_info, adapter_history]
         adapters_btn.click(adapters, None, adapter_outs)
+        train_status.change(adapters_after_training, shown_train_job, [*adapter_outs, shown_train_job],
+                            show_progress="hidden")
         blocks.load(adapters, None, adapter_outs)
         promote_btn.click(promote, version, adapter_result).then(adapters, None, adapter_outs)
         rollback_btn.click(rollback, None, adapter_result).then(adapters, None, adapter_outs)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from chatbot import operations as ops
@@ -122,7 +125,8 @@ def test_training_from_four_approved_conversations_states_the_run(tmp_path, chat
     from tests.finetune.sft_helpers import tiny_llama
 
     tiny = tiny_llama(tmp_path / "tiny", chat_model_path)
-    s = Settings(data_dir=tmp_path / "var", model=tiny)
+    s = Settings(data_dir=tmp_path / "var", model=tiny, train_eval_samples=5, train_eval_replies=2,
+                 train_eval_max_new_tokens=8)
     store = Store(s.resolved_database_url)
     _approve(store, 4)
     steps: list[str] = []
@@ -135,3 +139,7 @@ def test_training_from_four_approved_conversations_states_the_run(tmp_path, chat
     assert "all 4 conversation(s) used for training" in out["summary"]
     assert "20 optimizer step(s) (raised to min_steps 20)" in out["summary"]
     assert "The adapter changes the model" in out["summary"]
+    # the evaluation is sized by the train_eval_* settings
+    ev = json.loads((Path(out["folder"]) / "adapter.json").read_text())["eval_config"]
+    assert (ev["val_samples"], ev["replies"], ev["max_new_tokens"]) == (5, 2, 8)
+    assert out["metrics"]["test_n"] == 2
