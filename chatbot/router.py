@@ -64,7 +64,8 @@ class Reason(StrEnum):
 
 
 #: out-of-scope / low-confidence reason -> the reason of the handoff after too many clarifications
-_EXHAUSTED = {Reason.OUT_OF_SCOPE: Reason.EXHAUSTED_OUT_OF_SCOPE, Reason.LOW_CONFIDENCE: Reason.EXHAUSTED_LOW_CONFIDENCE}
+_EXHAUSTED = {Reason.OUT_OF_SCOPE: Reason.EXHAUSTED_OUT_OF_SCOPE,
+              Reason.LOW_CONFIDENCE: Reason.EXHAUSTED_LOW_CONFIDENCE}
 #: groundable reason -> the reason of the answer a close passage turns it into
 _GROUNDED = {Reason.OUT_OF_SCOPE: Reason.GROUNDED_OUT_OF_SCOPE, Reason.LOW_CONFIDENCE: Reason.GROUNDED_LOW_CONFIDENCE,
              Reason.EXHAUSTED_OUT_OF_SCOPE: Reason.GROUNDED_OUT_OF_SCOPE,
