@@ -16,7 +16,12 @@ Order of the rules (first match wins): human request -> small talk (greeting, th
 ``answer``, not counted as a clarification) -> slot filled for a pending ``ask_slot`` ->
 out-of-scope / low confidence -> handoff intent -> missing required slot -> the intent's action.
 
-The decision logic (:meth:`Router.decide`) is pure; the heads load lazily on first use.
+The whole routing policy lives here. :func:`plan` turns a decision into the :class:`Route` the service
+executes: whether to search and with which queries (:func:`retrieval_queries`), the fixed reply, and,
+once the passages are known (:meth:`Route.after_search`), whether a close passage overrides a
+clarify (grounding). ``chatbot.service`` only carries it out: search, hand off, reply or generate.
+
+The decision logic (:meth:`Router.decide`, :func:`plan`) is pure; the heads load lazily on first use.
 """
 
 from __future__ import annotations
@@ -24,16 +29,47 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
 from chatbot.errors import ConfigError, InvalidInputError, NotFoundError
+from chatbot.verification import content_tokens
 
 log = logging.getLogger(__name__)
 
 Action = Literal["answer", "ask_slot", "handoff", "clarify"]
 ACTIONS = ("answer", "ask_slot", "handoff", "clarify")
+
+
+class Reason(StrEnum):
+    """Why a message got its action (:attr:`RouteDecision.reason`). A member is its string value
+    (``Reason.SLOT_FILLED == "slot_filled"``), which is what the API returns and the store keeps."""
+
+    HUMAN_REQUEST = "human_request"  #: the customer asks for a person (pattern or intent)
+    HANDOFF_INTENT = "handoff_intent"  #: an intent always handed to a person (complaint)
+    OUT_OF_SCOPE = "out_of_scope"  #: the intent head's out-of-scope decision
+    LOW_CONFIDENCE = "low_confidence"  #: in scope, below the confidence threshold
+    MISSING_SLOT = "missing_slot"  #: the intent needs a slot the message lacks
+    SLOT_FILLED = "slot_filled"  #: the message answers a pending slot question
+    SMALLTALK = "smalltalk"  #: a greeting, thanks or goodbye
+    EXHAUSTED_OUT_OF_SCOPE = "clarifications_exhausted:out_of_scope"  #: handoff after max_clarifications
+    EXHAUSTED_LOW_CONFIDENCE = "clarifications_exhausted:low_confidence"
+    GROUNDED_OUT_OF_SCOPE = "grounded:out_of_scope"  #: answered anyway: a close passage (:meth:`Router.ground`)
+    GROUNDED_LOW_CONFIDENCE = "grounded:low_confidence"
+    STORED = "stored"  #: rebuilt from the store (:meth:`Router.previous_from_messages`)
+    POLICY = "policy"  #: the intent's action in the policy
+
+
+#: out-of-scope / low-confidence reason -> the reason of the handoff after too many clarifications
+_EXHAUSTED = {Reason.OUT_OF_SCOPE: Reason.EXHAUSTED_OUT_OF_SCOPE,
+              Reason.LOW_CONFIDENCE: Reason.EXHAUSTED_LOW_CONFIDENCE}
+#: groundable reason -> the reason of the answer a close passage turns it into
+_GROUNDED = {Reason.OUT_OF_SCOPE: Reason.GROUNDED_OUT_OF_SCOPE, Reason.LOW_CONFIDENCE: Reason.GROUNDED_LOW_CONFIDENCE,
+             Reason.EXHAUSTED_OUT_OF_SCOPE: Reason.GROUNDED_OUT_OF_SCOPE,
+             Reason.EXHAUSTED_LOW_CONFIDENCE: Reason.GROUNDED_LOW_CONFIDENCE}
 
 #: Fallback "I want a person" patterns (case-insensitive), used beside the intent head.
 DEFAULT_HUMAN_PATTERNS = (
@@ -191,7 +227,7 @@ class RoutingPolicy:
         reason ``smalltalk``); None for other decisions."""
         if decision.action == "clarify":
             return self.clarify_message
-        if decision.action == "answer" and decision.reason == "smalltalk":
+        if decision.action == "answer" and decision.reason == Reason.SMALLTALK:
             return self.smalltalk_message
         if decision.action == "ask_slot":
             slot = decision.missing_slot or "details"
@@ -207,9 +243,9 @@ class RoutingPolicy:
         return any(p.search(text or "") for p in self._smalltalk)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RouteDecision:
-    """What to do with one customer message.
+    """What the heads and the policy decided about one customer message (stored with it, returned to clients).
 
     Attributes:
         intent: the decided intent (the out-of-scope label when out of scope).
@@ -218,28 +254,38 @@ class RouteDecision:
         slots: typed values found in the message (:class:`finetune.heads.Slot`: type,
             value, start, end, score), plus slots carried over from a pending ``ask_slot``.
         action: ``answer`` | ``ask_slot`` | ``handoff`` | ``clarify``.
-        reason: why: ``human_request``, ``handoff_intent``, ``out_of_scope``,
-            ``low_confidence``, ``missing_slot``, ``slot_filled``, ``smalltalk``, ``clarifications_exhausted``
-            (with ``:out_of_scope`` / ``:low_confidence``), ``grounded:<kind>`` (:meth:`Router.ground`),
-            ``stored`` (rebuilt from the store) or ``policy``.
+        reason: why: a :class:`Reason` (a string given is converted).
         missing_slot: the slot type to ask for (``ask_slot`` only).
         top_intent: the intent head's argmax label, even when out of scope.
         clarifications: consecutive ``clarify`` decisions up to and including this one.
+
+    Raises:
+        InvalidInputError: ``action`` is not one of :data:`ACTIONS`, or ``reason`` is no :class:`Reason`.
     """
 
     intent: str
     confidence: float
     slots: list = field(default_factory=list)
     action: Action = "answer"
-    reason: str = "policy"
+    reason: Reason = Reason.POLICY
     missing_slot: str | None = None
     top_intent: str | None = None
     clarifications: int = 0
 
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise InvalidInputError(f"route action must be one of {ACTIONS}, got {self.action!r}")
+        try:
+            object.__setattr__(self, "reason", Reason(self.reason))
+        except ValueError:
+            raise InvalidInputError(
+                f"route reason must be one of {[r.value for r in Reason]}, got {self.reason!r}") from None
+
     def to_dict(self) -> dict:
-        """Plain-JSON form (slots as dicts)."""
+        """Plain-JSON form (slots as dicts, the reason as its string)."""
         d = asdict(self)
         d["slots"] = [s if isinstance(s, dict) else asdict(s) for s in self.slots]
+        d["reason"] = str(self.reason)
         return d
 
     @classmethod
@@ -375,15 +421,34 @@ class Router:
             have = {s.type for s in slots}
             missing = next((r for r in required if r not in have), None)
         return RouteDecision(last.intent or "unknown", float(last.confidence or 0.0), slots, last.action,
-                             "stored", missing, last.intent, clar)
+                             Reason.STORED, missing, last.intent, clar)
+
+    @property
+    def state_rows(self) -> int:
+        """How many stored messages (newest) :meth:`previous_from_messages` needs to rebuild the state: the
+        customer message and the reply of each clarification in a row, and of the one before them."""
+        return 2 * (self.policy.max_clarifications + 1)
+
+    def route_turn(self, text: str, rows: Sequence = (), previous_text: str | None = None) -> RouteDecision:
+        """Route ``text`` in its conversation.
+
+        The previous decision is rebuilt from the conversation's stored ``rows`` (oldest first, at least
+        the newest :attr:`state_rows`; :meth:`previous_from_messages`), or, for a client that sends its own
+        history, is the decision for its previous customer message ``previous_text``.
+
+        Raises:
+            InvalidInputError, NotFoundError, ModelAssetError: as :meth:`route`.
+        """
+        previous = self.route(previous_text) if previous_text is not None else self.previous_from_messages(rows)
+        return self.route(text, previous)
 
     @staticmethod
     def groundable(decision: RouteDecision) -> bool:
         """True when :meth:`ground` may turn ``decision`` into ``answer``: a ``clarify`` for an
         out-of-scope / low-confidence message, or the handoff after too many such clarifications."""
-        exhausted = decision.reason.startswith("clarifications_exhausted:")
-        kind = decision.reason.removeprefix("clarifications_exhausted:")
-        return kind in ("out_of_scope", "low_confidence") and (decision.action == "clarify" or exhausted)
+        exhausted = decision.reason in (Reason.EXHAUSTED_OUT_OF_SCOPE, Reason.EXHAUSTED_LOW_CONFIDENCE)
+        return exhausted or (decision.action == "clarify" and decision.reason in (Reason.OUT_OF_SCOPE,
+                                                                                  Reason.LOW_CONFIDENCE))
 
     @staticmethod
     def ground(decision: RouteDecision, top_score: float | None, min_score: float | None) -> RouteDecision:
@@ -392,14 +457,13 @@ class Router:
         The intent head knows a fixed list of intents; the knowledge base may cover more. A
         ``clarify`` decided for ``out_of_scope`` or ``low_confidence`` (or the handoff after
         too many clarifications) becomes ``answer`` (reason ``grounded:<kind>``) when the best
-        passage's cosine similarity is at least ``min_score``. Other decisions, and every decision when ``min_score`` is None, are
-        returned unchanged.
+        passage's cosine similarity is at least ``min_score``. Other decisions, and every decision when
+        ``min_score`` is None, are returned unchanged (the same object).
         """
         if min_score is None or top_score is None or top_score < min_score or not Router.groundable(decision):
             return decision  # (a handoff the policy asks for stays a handoff)
-        kind = decision.reason.removeprefix("clarifications_exhausted:")
         return RouteDecision(decision.intent, decision.confidence, decision.slots, "answer",
-                             f"grounded:{kind}", None, decision.top_intent, 0)
+                             _GROUNDED[decision.reason], None, decision.top_intent, 0)
 
     # -- routing
     def route(self, text: str, previous: RouteDecision | None = None) -> RouteDecision:
@@ -449,7 +513,7 @@ class Router:
         slots = list(slots)
         prev_clar = previous.clarifications if previous is not None and previous.action == "clarify" else 0
 
-        def make(action: str, reason: str, intent_: str = intent, missing: str | None = None,
+        def make(action: str, reason: Reason, intent_: str = intent, missing: str | None = None,
                  slots_: list = slots) -> RouteDecision:
             clar = prev_clar + 1 if action == "clarify" else 0
             return RouteDecision(intent_, conf, slots_, action, reason, missing, top, clar)
@@ -459,13 +523,13 @@ class Router:
             prediction is not None and not prediction.out_of_scope and top in pol.human_intents
         )
         if wants_human:
-            return make("handoff", "human_request", top if top in pol.human_intents else intent)
+            return make("handoff", Reason.HUMAN_REQUEST, top if top in pol.human_intents else intent)
         # 1b. greetings, thanks, goodbyes: answered, not clarified (a pending ask_slot stays pending)
         if pol.is_smalltalk(text) and not slots:
             if previous is not None and previous.action == "ask_slot":
-                return RouteDecision(previous.intent, conf, previous.slots, "ask_slot", "missing_slot",
+                return RouteDecision(previous.intent, conf, previous.slots, "ask_slot", Reason.MISSING_SLOT,
                                      previous.missing_slot, top, 0)
-            return RouteDecision(intent, conf, slots, "answer", "smalltalk", None, top, 0)
+            return RouteDecision(intent, conf, slots, "answer", Reason.SMALLTALK, None, top, 0)
         # 2. the answer to a pending ask_slot
         if previous is not None and previous.action == "ask_slot" and previous.missing_slot:
             got = [s for s in slots if getattr(s, "type", None) == previous.missing_slot]
@@ -475,23 +539,127 @@ class Router:
                 have = {getattr(s, "type", None) for s in merged}
                 missing = [r for r in required if r not in have]
                 if missing:
-                    return make("ask_slot", "missing_slot", previous.intent, missing[0], merged)
+                    return make("ask_slot", Reason.MISSING_SLOT, previous.intent, missing[0], merged)
                 action, _ = pol.action_for(previous.intent)
-                return make(action, "slot_filled", previous.intent, None, merged)
+                return make(action, Reason.SLOT_FILLED, previous.intent, None, merged)
         # 3. out of scope / low confidence: clarify, then hand off
         if oos or low:
-            kind = "out_of_scope" if oos else "low_confidence"
+            kind = Reason.OUT_OF_SCOPE if oos else Reason.LOW_CONFIDENCE
             action = pol.on_out_of_scope if oos else pol.on_low_confidence
             if action == "clarify" and prev_clar >= pol.max_clarifications:
-                return make("handoff", f"clarifications_exhausted:{kind}")
+                return make("handoff", _EXHAUSTED[kind])
             return make(action, kind)
         # 4. handoff intents (complaints)
         if intent in pol.handoff_intents:
-            return make("handoff", "handoff_intent")
+            return make("handoff", Reason.HANDOFF_INTENT)
         # 5. required slots
         action, required = pol.action_for(intent)
         have = {getattr(s, "type", None) for s in slots}
         missing = [r for r in required if r not in have]
         if missing and action == "answer":
-            return make("ask_slot", "missing_slot", intent, missing[0])
-        return make(action, "policy")
+            return make("ask_slot", Reason.MISSING_SLOT, intent, missing[0])
+        return make(action, Reason.POLICY)
+
+
+#: a message that opens with one of these continues the previous question ("and if I'm a gold member?")
+_CONTINUATION = re.compile(r"^\W*(and|or|but|also|so|then|what about|how about|what if|same for|even)\b", re.I)
+
+
+def retrieval_queries(text: str, earlier: Sequence[str], reason: str | None = None) -> list[str]:
+    """The retrieval queries to try for ``text`` given the conversation's earlier customer messages.
+
+    ``[text]`` for a self-contained message; ``["<previous> <text>"]`` when it answers a slot
+    question (``reason == "slot_filled"``); both, ``[text, "<previous> <text>"]``, when it may
+    depend on the previous message: it opens like a continuation ("and if ...", "what about ...")
+    or has at most 5 content tokens ("can I return it?", "what about gold members?"). The caller
+    searches every query and keeps the passages of the one whose best passage scores highest,
+    so a short question that stands alone is not pulled back to the previous topic.
+    """
+    if not earlier:
+        return [text]
+    combined = f"{earlier[-1]} {text}"
+    if reason == Reason.SLOT_FILLED:
+        return [combined]
+    if _CONTINUATION.search(text) or len(set(content_tokens(text))) <= 5:
+        return [text, combined]
+    return [text]
+
+
+@dataclass(frozen=True)
+class Route:
+    """The routing policy's whole answer for one customer message: what the service does with it.
+
+    Made only by :func:`plan`; :meth:`after_search` settles it once the passages are known. The
+    service executes it: search :attr:`queries` when :attr:`search`, then :meth:`after_search`, then
+    hand off (:attr:`handoff`), send :attr:`reply`, or generate an answer from the passages.
+
+    Attributes:
+        decision: the heads' and policy's decision, stored with the message and returned to clients;
+            None for a message that is not routed (no router, or routing failed): it is answered.
+        queries: the retrieval queries to try, in order (:func:`retrieval_queries`; never empty); the
+            service keeps the passages of the one whose best passage scores highest.
+        search: whether to search before acting: an answer needs passages, and so does the grounding
+            check of a groundable decision; a person request, a complaint, a slot question, smalltalk and
+            a clarify without grounding need none.
+        reply: the policy's fixed reply (``clarify``, ``ask_slot``, smalltalk): sent instead of generating;
+            None to generate (or to hand off).
+        ground_min_score: best-passage score at which a groundable decision is answered (:meth:`Router.ground`);
+            None: never.
+    """
+
+    decision: RouteDecision | None
+    queries: tuple[str, ...]
+    search: bool
+    reply: str | None = None
+    ground_min_score: float | None = None
+
+    @property
+    def action(self) -> str:
+        """The decision's action; ``answer`` for an unrouted message."""
+        return self.decision.action if self.decision is not None else "answer"
+
+    @property
+    def handoff(self) -> bool:
+        """True when the conversation goes to a person (reason ``decision.reason``)."""
+        return self.action == "handoff"
+
+    @property
+    def query(self) -> str:
+        """The first retrieval query (the one a turn that does not search keeps)."""
+        return self.queries[0]
+
+    def after_search(self, top_score: float | None) -> Route:
+        """The route once retrieval ran: a groundable decision becomes an answer (reason ``grounded:<kind>``,
+        no fixed reply) when ``top_score``, the best passage's score (None: no passage or no search),
+        reaches :attr:`ground_min_score`; otherwise this route, unchanged."""
+        if self.decision is None:
+            return self
+        grounded = Router.ground(self.decision, top_score, self.ground_min_score)
+        if grounded is self.decision:
+            return self
+        return replace(self, decision=grounded, reply=None)  # a grounded answer is generated
+
+
+def plan(decision: RouteDecision | None, text: str, earlier: Sequence[str], policy: RoutingPolicy | None = None,
+         ground_min_score: float | None = None) -> Route:
+    """The :class:`Route` for a message: the one place that says what the service does with a decision.
+
+    Args:
+        decision: the router's decision for ``text`` (:meth:`Router.route_turn`), or None when the message is
+            not routed (then it is searched for and answered).
+        text: the cleaned customer message.
+        earlier: the conversation's earlier customer messages, oldest first (for :func:`retrieval_queries`).
+        policy: the routing policy (its fixed replies); required with a decision.
+        ground_min_score: ``settings.route_grounded_min_score`` (:meth:`Route.after_search`).
+
+    Raises:
+        ConfigError: a decision without a policy.
+    """
+    queries = tuple(retrieval_queries(text, earlier, decision.reason if decision is not None else None))
+    if decision is None:
+        return Route(None, queries, search=True)
+    if policy is None:
+        raise ConfigError("plan needs the routing policy for a routed message, got policy=None")
+    groundable = ground_min_score is not None and Router.groundable(decision)
+    search = (decision.action == "answer" and decision.reason != Reason.SMALLTALK) or groundable
+    return Route(decision, queries, search, policy.reply_for(decision), ground_min_score)

@@ -11,7 +11,7 @@ import re
 import time
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote
 
@@ -20,13 +20,12 @@ from chatbot.company import PlaceholderStream
 from chatbot.config import Settings
 from chatbot.engines.base import ChatMessage, Engine, GenerationParams
 from chatbot.engines.stops import StopFilter
-from chatbot.errors import EngineError, InvalidInputError, RequestTimeoutError
+from chatbot.errors import ChatbotError, EngineError, InvalidInputError, RequestTimeoutError
 from chatbot.metrics import Metrics
 from chatbot.prompts import BuiltPrompt, build_prompt
-from chatbot.router import RouteDecision, Router
+from chatbot.router import RouteDecision, Router, plan
 from chatbot.store import HUMAN_STATUSES, Handoff, Message, Store, ids_as_str
-from chatbot.verification import (Evidence, SentenceStream, Verifier, cite, content_tokens, covered, sanitize_passage,
-                                  strip_markers)
+from chatbot.verification import Evidence, SentenceStream, Verifier, cite, covered, sanitize_passage, strip_markers
 from retrieval.documents import Hit
 from retrieval.retriever import Retriever
 
@@ -58,30 +57,6 @@ def clean_message(text: object, max_chars: int) -> str:
     if not any(unicodedata.category(ch)[0] in "LNPS" for ch in cleaned):
         raise InvalidInputError("message must not be empty")
     return cleaned
-
-
-#: a message that opens with one of these continues the previous question ("and if I'm a gold member?")
-_CONTINUATION = re.compile(r"^\W*(and|or|but|also|so|then|what about|how about|what if|same for|even)\b", re.I)
-
-
-def retrieval_queries(text: str, earlier: Sequence[str], reason: str | None = None) -> list[str]:
-    """The retrieval queries to try for ``text`` given the conversation's earlier customer messages.
-
-    ``[text]`` for a self-contained message; ``["<previous> <text>"]`` when it answers a slot
-    question (``reason == "slot_filled"``); both, ``[text, "<previous> <text>"]``, when it may
-    depend on the previous message: it opens like a continuation ("and if ...", "what about ...")
-    or has at most 5 content tokens ("can I return it?", "what about gold members?"). The caller
-    searches every query and keeps the passages of the one whose best passage scores highest,
-    so a short question that stands alone is not pulled back to the previous topic.
-    """
-    if not earlier:
-        return [text]
-    combined = f"{earlier[-1]} {text}"
-    if reason == "slot_filled":
-        return [combined]
-    if _CONTINUATION.search(text) or len(set(content_tokens(text))) <= 5:
-        return [text, combined]
-    return [text]
 
 
 @dataclass
@@ -165,6 +140,8 @@ class Turn:
         route: the routing decision (intent, confidence, slots, action), None without routing.
         fixed_reply: the policy's reply of a ``clarify`` / ``ask_slot`` decision; the
             engine is not called and :meth:`stream` yields (and stores) this text.
+
+    The turn holds data; its :class:`Replier` (given by the :class:`Assistant`) makes the reply.
     """
 
     request_id: str
@@ -205,7 +182,7 @@ class Turn:
     evidence: Evidence | None = field(default=None, repr=False)
     #: the request's stop strings (OpenAI ``stop``): the reply ends before the first one, whatever made it
     stop: tuple[str, ...] = ()
-    _assistant: "Assistant | None" = field(default=None, repr=False)
+    _replier: "Replier | None" = field(default=None, repr=False)
     _ticket: Ticket | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
@@ -226,7 +203,7 @@ class Turn:
         return {"mode": self.mode, "kind": self.answer_kind, "offer_handoff": self.offers_handoff,
                 "withheld": len(self.withheld)}
 
-    async def stream(self) -> AsyncIterator[str]:
+    def stream(self) -> AsyncIterator[str]:
         """Yield reply text deltas; store the turn when generation ends.
 
         Waits for a running slot first (admission control). The customer's message was
@@ -242,88 +219,149 @@ class Turn:
         is close enough, the abstention that offers a person. Joined, the deltas are
         exactly :attr:`text`, the reply that is stored (after PII redaction, as every reply).
 
+        The :class:`Replier` the :class:`Assistant` gave the turn does the work.
+
         Raises:
             RequestTimeoutError: the reply took longer than ``request_timeout_s``.
             EngineError: generation failed.
+            ChatbotError: the turn was not prepared by an :class:`Assistant` (it has no replier).
         """
-        stops = StopFilter(self.stop) if self.stop else None
-        if self.held:
+        if self._replier is None:
+            raise ChatbotError(f"turn {self.request_id} has no replier: stream turns that Assistant.start_turn made")
+        return self._replier.stream(self)
+
+    def _mark(self, unit) -> None:
+        """Record ``unit``'s span on its passage's citation (a shown sentence rests on it)."""
+        for c in self.citations:
+            if c.number == unit.passage and (unit.start, unit.end) not in c.spans:
+                c.spans.append((unit.start, unit.end))
+
+
+@dataclass(frozen=True)
+class ReplyOptions:
+    """The settings a reply is made with (built from :class:`~chatbot.config.Settings` by :meth:`from_settings`).
+
+    Attributes:
+        company_fields: values of the ``[[field]]`` markers a fine-tuned reply writes (:mod:`chatbot.company`).
+        request_timeout_s: a generated reply taking longer is aborted (> 0).
+        verify_min_overlap: :class:`~chatbot.verification.Verifier`'s content-overlap threshold, in [0, 1].
+        extractive_max_units, extractive_min_score, extractive_on_topic: what an extractive answer quotes
+            (:meth:`chatbot.verification.Evidence.best`).
+        abstain_message: the reply when nothing in the passages answers.
+    """
+
+    company_fields: dict
+    request_timeout_s: float
+    verify_min_overlap: float
+    extractive_max_units: int
+    extractive_min_score: float
+    extractive_on_topic: bool
+    abstain_message: str
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ReplyOptions:
+        """The options of ``s``."""
+        return cls(dict(s.company_fields), s.request_timeout_s, s.verify_min_overlap, s.extractive_max_units,
+                   s.extractive_min_score, s.extractive_on_topic, s.abstain_message)
+
+
+class Replier:
+    """Makes the reply of a prepared :class:`Turn`: generates it, verifies it, counts it and hands it to be stored.
+
+    The turn holds the data; a replier holds what making the reply needs, given explicitly.
+
+    Args:
+        engine: generates the reply (:meth:`~chatbot.engines.base.Engine.stream`).
+        metrics: the service metrics (latency, tokens, answers, withheld sentences, aborts).
+        options: the reply settings.
+        record: stores a finished turn's reply; must not raise (:meth:`Assistant.record`).
+    """
+
+    def __init__(self, engine: Engine, metrics: Metrics, options: ReplyOptions,
+                 record: Callable[[Turn], None]) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.options = options
+        self.record = record
+
+    async def stream(self, turn: Turn) -> AsyncIterator[str]:
+        """``turn``'s reply as text deltas (see :meth:`Turn.stream`), stored when it ends."""
+        stops = StopFilter(turn.stop) if turn.stop else None
+        if turn.held:
             notice = stops.cut(HANDOFF_NOTICE)[0] if stops else HANDOFF_NOTICE
-            self.text, self.finish_reason = notice, "stop"
+            turn.text, turn.finish_reason = notice, "stop"
             yield notice
             return
-        a = self._assistant
-        if self.fixed_reply is not None:
-            reply = stops.cut(self.fixed_reply)[0] if stops else self.fixed_reply
-            self.text, self.finish_reason, self.ttft_ms, self.latency_ms = reply, "stop", 0.0, 0.0
-            self.answer_kind = self.answer_kind or "fixed"
-            a.metrics.answers.labels(self.answer_kind).inc()
+        m = self.metrics
+        if turn.fixed_reply is not None:
+            reply = stops.cut(turn.fixed_reply)[0] if stops else turn.fixed_reply
+            turn.text, turn.finish_reason, turn.ttft_ms, turn.latency_ms = reply, "stop", 0.0, 0.0
+            turn.answer_kind = turn.answer_kind or "fixed"
+            m.answers.labels(turn.answer_kind).inc()
             yield reply
-            await asyncio.to_thread(a.record, self)
+            await asyncio.to_thread(self.record, turn)
             return
-        assert a is not None and self._ticket is not None
-        m = a.metrics
+        assert turn._ticket is not None
         t0 = time.perf_counter()
         parts: list[str] = []
-        deltas = self._generate() if self.mode == "generate" else self._verified()
+        deltas = self._generate(turn) if turn.mode == "generate" else self._verified(turn)
         try:
             async for out in deltas:
                 if stops is not None:  # a stop string ends the reply here, whichever mode made it
-                    out, self._stopped = stops.push(out)
+                    out, turn._stopped = stops.push(out)
                 if out:
-                    if self.ttft_ms is None:
-                        self.ttft_ms = (time.perf_counter() - t0) * 1000
+                    if turn.ttft_ms is None:
+                        turn.ttft_ms = (time.perf_counter() - t0) * 1000
                     parts.append(out)
                     yield out
-                if self._stopped:
+                if turn._stopped:
                     break
         finally:
             await deltas.aclose()  # after a stop string: ends the generation (the engine aborts the request)
-        if self._stopped:
-            self.finish_reason = "stop"
+        if turn._stopped:
+            turn.finish_reason = "stop"
         elif stops is not None and (tail := stops.flush()):
             parts.append(tail)
             yield tail
-        self.text = "".join(parts)
-        self.latency_ms = (time.perf_counter() - t0) * 1000
-        m.latency.observe(self.latency_ms / 1000)
-        if self.ttft_ms is not None:
-            m.ttft.observe(self.ttft_ms / 1000)
-        m.generated_tokens.inc(self.completion_tokens)
-        m.prompt_tokens.inc(self.prompt_tokens)
-        m.answers.labels(self.answer_kind or "generated").inc()
-        log.debug("turn %s: %d tokens in %.0f ms", self.request_id, self.completion_tokens, self.latency_ms)
-        await asyncio.to_thread(a.record, self)
+        turn.text = "".join(parts)
+        turn.latency_ms = (time.perf_counter() - t0) * 1000
+        m.latency.observe(turn.latency_ms / 1000)
+        if turn.ttft_ms is not None:
+            m.ttft.observe(turn.ttft_ms / 1000)
+        m.generated_tokens.inc(turn.completion_tokens)
+        m.prompt_tokens.inc(turn.prompt_tokens)
+        m.answers.labels(turn.answer_kind or "generated").inc()
+        log.debug("turn %s: %d tokens in %.0f ms", turn.request_id, turn.completion_tokens, turn.latency_ms)
+        await asyncio.to_thread(self.record, turn)
 
-    async def _generate(self) -> AsyncIterator[str]:
+    async def _generate(self, turn: Turn) -> AsyncIterator[str]:
         """The engine's reply as text deltas, company-field markers filled; sets token counts and
         the finish reason. Holds the admission ticket while it runs."""
-        a = self._assistant
-        m = a.metrics
+        m, o = self.metrics, self.options
         # a fine-tuned reply writes company details as [[field]] markers (chatbot.company): filled here,
         # across delta boundaries, before the customer sees or the log stores them
-        fill = PlaceholderStream(a.settings.company_fields)
-        self.answer_kind = "generated"
+        fill = PlaceholderStream(o.company_fields)
+        turn.answer_kind = "generated"
         try:
-            await self._ticket.acquire()
-            self.adapter_version = a.engine.info.adapter_version  # what the engine serves this request with
+            await turn._ticket.acquire()
+            turn.adapter_version = self.engine.info.adapter_version  # what the engine serves this request with
             # the stop strings end generation here (before verification sees the text); vLLM and a remote
             # server stop on them themselves, the transformers engine is aborted when this closes its stream
-            stops = StopFilter(self.stop) if self.stop else None
-            async with asyncio.timeout(a.settings.request_timeout_s):
-                chunks = a.engine.stream(self.prompt.messages, self.params, self.request_id)
+            stops = StopFilter(turn.stop) if turn.stop else None
+            async with asyncio.timeout(o.request_timeout_s):
+                chunks = self.engine.stream(turn.prompt.messages, turn.params, turn.request_id)
                 try:
                     async for chunk in chunks:
                         text, hit = stops.push(chunk.text) if stops is not None else (chunk.text, False)
                         out = fill.push(text) if text else ""
                         if out:
                             yield out
-                        self.prompt_tokens = chunk.prompt_tokens
-                        self.completion_tokens = chunk.completion_tokens
+                        turn.prompt_tokens = chunk.prompt_tokens
+                        turn.completion_tokens = chunk.completion_tokens
                         if chunk.finish_reason:
-                            self.finish_reason = chunk.finish_reason
+                            turn.finish_reason = chunk.finish_reason
                         if hit:
-                            self.finish_reason = "stop"
+                            turn.finish_reason = "stop"
                             break
                 finally:
                     await chunks.aclose()
@@ -334,27 +372,26 @@ class Turn:
         except TimeoutError as exc:
             m.rejected.labels("timeout").inc()
             raise RequestTimeoutError(
-                f"reply took longer than request_timeout_s={a.settings.request_timeout_s} and was aborted"
+                f"reply took longer than request_timeout_s={o.request_timeout_s} and was aborted"
             ) from exc
         except (asyncio.CancelledError, GeneratorExit):
-            if not self._stopped:  # (a stop string ends generation the same way; that is no abort)
+            if not turn._stopped:  # (a stop string ends generation the same way; that is no abort)
                 m.aborted.inc()
-                log.info("turn %s aborted by the client", self.request_id)
+                log.info("turn %s aborted by the client", turn.request_id)
             raise
         finally:
-            self._ticket.release()
+            turn._ticket.release()
 
-    async def _verified(self) -> AsyncIterator[str]:
+    async def _verified(self, turn: Turn) -> AsyncIterator[str]:
         """Verified mode: the engine's sentences that a passage supports, each with its citation;
-        else the extractive answer, else the abstention (see :meth:`stream`)."""
-        a = self._assistant
-        s = a.settings
-        verifier = Verifier([h.text for h in self.prompt.hits], s.verify_min_overlap,
-                            trusted=list(s.company_fields.values()), question=self.question)
+        else the extractive answer, else the abstention (see :meth:`Turn.stream`)."""
+        o = self.options
+        verifier = Verifier([h.text for h in turn.prompt.hits], o.verify_min_overlap,
+                            trusted=list(o.company_fields.values()), question=turn.question)
         sentences = SentenceStream()
         shown = 0
         shown_parts: list[str] = []
-        gen = self._generate()
+        gen = self._generate(turn)
 
         def verdicts(batch: list[str]) -> list[str]:
             nonlocal shown
@@ -366,14 +403,14 @@ class Turn:
                 if v.supported and shown and covered(strip_markers(sent), "".join(shown_parts)):
                     v = replace(v, supported=False, reason="repetition")  # already said: said once
                 if v.supported:
-                    self._mark(v.unit)
+                    turn._mark(v.unit)
                     out.append(("" if shown == 0 else " ") + cite(sent, v.unit.passage))
                     shown_parts.append(out[-1])
                     shown += 1
                 else:
-                    self.withheld.append({"text": sent.strip(), "reason": v.reason, "claims": v.missing_claims,
+                    turn.withheld.append({"text": sent.strip(), "reason": v.reason, "claims": v.missing_claims,
                                           "overlap": round(v.overlap, 3)})
-                    a.metrics.withheld.labels(v.reason).inc()
+                    self.metrics.withheld.labels(v.reason).inc()
             return out
 
         try:
@@ -384,14 +421,14 @@ class Turn:
             if shown:
                 raise
             # the passages are known: the customer gets the extractive answer instead of an error
-            log.exception("turn %s: generation failed; answering from the passages", self.request_id)
-            self.finish_reason = "stop"
+            log.exception("turn %s: generation failed; answering from the passages", turn.request_id)
+            turn.finish_reason = "stop"
         finally:
             await gen.aclose()
         rest = sentences.flush()
-        if self.finish_reason == "length" and rest:  # the last sentence was cut off by max_tokens: never shown
-            a.metrics.withheld.labels("truncated").inc(len(rest))
-            self.withheld += [{"text": t.strip(), "reason": "truncated", "claims": [], "overlap": 0.0}
+        if turn.finish_reason == "length" and rest:  # the last sentence was cut off by max_tokens: never shown
+            self.metrics.withheld.labels("truncated").inc(len(rest))
+            turn.withheld += [{"text": t.strip(), "reason": "truncated", "claims": [], "overlap": 0.0}
                               for t in rest if t.strip()]
             rest = []
         for out in verdicts(rest):
@@ -400,22 +437,42 @@ class Turn:
             # the extractive answer's sentences that the shown text does not already say complete the answer:
             # a verified answer holds every fact the extractive one does (a small model often states one,
             # or rests a vaguer sentence on a precise passage sentence)
-            for u in a.extractive_units(self):
+            for u in self.extractive_units(turn):
                 if covered(u.text, "".join(shown_parts)):
                     continue
-                self._mark(u)
+                turn._mark(u)
                 yield " " + cite(u.text, u.passage)
-            self.answer_kind = "verified"
+            turn.answer_kind = "verified"
             return
-        text, kind = a.extractive_reply(self)
-        self.answer_kind = kind
+        text, kind = self.extractive_reply(turn)
+        turn.answer_kind = kind
         yield text
 
-    def _mark(self, unit) -> None:
-        """Record ``unit``'s span on its passage's citation (a shown sentence rests on it)."""
-        for c in self.citations:
-            if c.number == unit.passage and (unit.start, unit.end) not in c.spans:
-                c.spans.append((unit.start, unit.end))
+    def extractive_units(self, turn: Turn) -> list:
+        """The passage units an extractive answer of ``turn`` quotes: up to ``extractive_max_units``
+        scoring at least ``extractive_min_score`` with the question (and on its topic with
+        ``extractive_on_topic``), best first
+        (:meth:`chatbot.verification.Evidence.best`); empty without evidence."""
+        o = self.options
+        if turn.evidence is None:
+            return []
+        return turn.evidence.best(o.extractive_max_units, o.extractive_min_score, on_topic=o.extractive_on_topic)
+
+    def extractive_reply(self, turn: Turn) -> tuple[str, str]:
+        """The extractive answer of ``turn``: its :meth:`extractive_units`, quoted verbatim in order of relevance,
+        each with its citation [n] (spans marked on :attr:`Turn.citations`); when none is close
+        enough, the abstention that offers a person (and the turn cites nothing).
+
+        Returns:
+            ``(text, kind)`` with kind ``extractive`` or ``abstained``.
+        """
+        units = self.extractive_units(turn)
+        if not units:
+            turn.citations = []  # nothing of the passages is shown: no sources under an abstention
+            return self.options.abstain_message, "abstained"
+        for u in units:
+            turn._mark(u)
+        return " ".join(cite(u.text, u.passage) for u in units), "extractive"
 
 
 class Assistant:
@@ -513,14 +570,12 @@ class Assistant:
     ) -> Turn:
         """Validate, look up the conversation, route, retrieve and build the prompt (no generation yet).
 
-        With a router, the message's decision (:attr:`Turn.route`) is stored with it and acted on:
-        ``handoff`` queues the conversation for a person and returns a held turn; ``clarify`` and
-        ``ask_slot`` return a turn with the policy's fixed reply (no generation); ``answer``
-        generates. A ``clarify`` for an out-of-scope / low-confidence message becomes ``answer``
-        when retrieval finds a passage scoring at least ``route_grounded_min_score``
-        (:meth:`~chatbot.router.Router.ground`). The retrieval query is the message, or the
-        previous customer message plus it when it depends on that one (:func:`retrieval_queries`:
-        a filled slot; for a possible follow-up both are searched and the better-scoring one kept).
+        With a router, the message's decision (:attr:`Turn.route`) is stored with it. What to do is the
+        routing policy's :class:`~chatbot.router.Route` (:func:`chatbot.router.plan`), carried out here:
+        search its queries when it says so (the better-scoring query's passages are kept), settle it
+        (:meth:`~chatbot.router.Route.after_search`: grounding), then ``handoff`` queues the conversation
+        for a person and returns a held turn; a fixed reply (``clarify``, ``ask_slot``, smalltalk) returns
+        a turn with that reply (no generation); else the answer is generated.
         In ``verified`` and ``extractive`` mode a turn without
         passages is the abstention (no generation), and an ``extractive`` turn is answered from
         the passages without the engine.
@@ -550,60 +605,49 @@ class Assistant:
         if conversation_id is not None:
             conv = await asyncio.to_thread(self.store.get_conversation, conversation_id)
             # a few more rows than the prompt keeps: routing state (clarifications, pending slot)
-            clar = self.router.policy.max_clarifications if self.router is not None else 0
-            rows = await asyncio.to_thread(self.store.history, conversation_id,
-                                           max(2 * s.history_turns, 2 * (clar + 1), 6))
-            route = await self._route(user_text, rows)
+            state = self.router.state_rows if self.router is not None else 0
+            rows = await asyncio.to_thread(self.store.history, conversation_id, max(2 * s.history_turns, state, 6))
+            decision = await self._route(user_text, rows)
             if conv.status in HUMAN_STATUSES:  # a person has it: store the message, the bot stays silent
-                return await self.held_turn(conversation_id, user_text, channel, status=conv.status, route=route)
+                return await self.held_turn(conversation_id, user_text, channel, status=conv.status, route=decision)
             history = [ChatMessage(r.role, r.text) for r in rows[-2 * s.history_turns :]] if s.history_turns else []
         else:
             # a client that sends the history itself: the previous decision is its last customer message's
             earlier = [m.content for m in history or [] if m.role == "user"]
-            route = await self._route(user_text, [], earlier[-1] if earlier else None)
+            decision = await self._route(user_text, [], earlier[-1] if earlier else None)
             history = list(history or [])[-2 * s.history_turns :] if s.history_turns else []
-        hits: list[Hit] = []
-        index_version = None
         mode = s.answer_mode
         earlier = [r.text for r in rows if r.role == "user"] if conversation_id is not None else [
             m.content for m in history if m.role == "user"]
-        queries = retrieval_queries(user_text, earlier, route.reason if route is not None else None)
-        query = queries[0]
-        # the passages serve an answer, or the grounding check of an out-of-scope / low-confidence
-        # decision (Router.ground); a person request, a complaint, a slot question or smalltalk needs none
-        groundable = route is not None and s.route_grounded_min_score is not None and Router.groundable(route)
-        needs_search = route is None or (route.action == "answer" and route.reason != "smalltalk") or groundable
-        if self.retriever is not None and needs_search:
-            def search() -> tuple[str, list[Hit]]:
-                results = self.retriever.search_batch(queries, s.top_k, s.min_score)
-                best = max(range(len(queries)), key=lambda i: results[i][0].score if results[i] else -1.0)
-                # a document's sentences that address the assistant are an injection, not policy: never prompted
-                return queries[best], [replace(h, text=sanitize_passage(h.text)) for h in results[best]]
-
-            query, hits = await asyncio.to_thread(search)
+        # the routing policy says what to do (chatbot.router.plan); this method only carries it out
+        route = plan(decision, user_text, earlier, self.router.policy if self.router is not None else None,
+                     s.route_grounded_min_score)
+        query, hits, index_version = route.query, [], None
+        if self.retriever is not None and route.search:
+            query, hits = await asyncio.to_thread(self._search, route.queries)
             index_version = self.retriever.version
-        if route is not None:
-            route = Router.ground(route, max((h.score for h in hits), default=None), s.route_grounded_min_score)
-            self.metrics.intents.labels(route.intent).inc()
-            if route.action == "handoff":
-                return await self._handoff_turn(conversation_id, user_text, channel, route)
-            fixed = self.router.policy.reply_for(route)
-            if fixed is not None:
-                return await self._fixed_turn(conversation_id, user_text, channel, route, fixed)
+        route = route.after_search(max((h.score for h in hits), default=None))
+        decision = route.decision
+        if decision is not None:
+            self.metrics.intents.labels(decision.intent).inc()
+        if route.handoff:
+            return await self._handoff_turn(conversation_id, user_text, channel, decision)
+        if route.reply is not None:
+            return await self._fixed_turn(conversation_id, user_text, channel, decision, route.reply)
         evidence = None
         if mode != "generate":
             if not hits:  # nothing in the documents: say so and offer a person, generate nothing
-                return await self._fixed_turn(conversation_id, user_text, channel, route, s.abstain_message,
+                return await self._fixed_turn(conversation_id, user_text, channel, decision, s.abstain_message,
                                               kind="abstained")
             encode = self.retriever.embedder.encode
             evidence = await asyncio.to_thread(
                 Evidence.build, query, [h.text for h in hits], encode, user_text, [h.title for h in hits],
                 [" > ".join(h.headings) for h in hits])
             if mode == "extractive":
-                turn = await self._fixed_turn(conversation_id, user_text, channel, route, "", hits=hits,
+                turn = await self._fixed_turn(conversation_id, user_text, channel, decision, "", hits=hits,
                                               index_version=index_version)
                 turn.evidence = evidence
-                turn.fixed_reply, turn.answer_kind = self.extractive_reply(turn)
+                turn.fixed_reply, turn.answer_kind = turn._replier.extractive_reply(turn)
                 return turn
         await self.engine.start()
         await self.adapters.sync(self.engine)  # a promoted adapter goes live here
@@ -634,16 +678,16 @@ class Assistant:
             citations=citations_from_hits(prompt.hits, self.settings.docs_base_url),
             index_version=index_version,
             channel=channel,
-            route=route,
+            route=decision,
             mode=mode,
             question=query,
             evidence=evidence,
-            _assistant=self,
+            _replier=self._replier(),
         )
         try:  # the customer's message is stored now, before any reply exists (never lost)
             stored = await asyncio.to_thread(
                 self.log.customer_message, turn.conversation_id, user_text, turn.request_id, channel,
-                turn.new_conversation, route,
+                turn.new_conversation, decision,
             )
         except BaseException:
             ticket.release()
@@ -651,9 +695,19 @@ class Assistant:
         turn.user_message_id = stored.id if stored is not None else None
         return turn
 
+    def _search(self, queries: Sequence[str]) -> tuple[str, list[Hit]]:
+        """Search every query (a route's :attr:`~chatbot.router.Route.queries`); return the one whose best
+        passage scores highest, with its passages (sentences addressed to the assistant removed)."""
+        s = self.settings
+        results = self.retriever.search_batch(list(queries), s.top_k, s.min_score)
+        best = max(range(len(queries)), key=lambda i: results[i][0].score if results[i] else -1.0)
+        # a document's sentences that address the assistant are an injection, not policy: never prompted
+        return queries[best], [replace(h, text=sanitize_passage(h.text)) for h in results[best]]
+
     async def _route(self, text: str, rows: Sequence[Message], previous_text: str | None = None) -> RouteDecision | None:
         """The router's decision for ``text`` given the conversation's stored ``rows`` (or, for a client
-        that sends its own history, the previous customer message ``previous_text``).
+        that sends its own history, the previous customer message ``previous_text``;
+        :meth:`~chatbot.router.Router.route_turn`).
 
         Returns None without a router, and when routing fails: the error is logged and counted
         (``chatbot_routing_errors_total``) and the message is answered unrouted, so a broken head
@@ -661,17 +715,8 @@ class Assistant:
         """
         if self.router is None:
             return None
-        router = self.router
-
-        def run() -> RouteDecision:
-            if previous_text is not None:
-                previous = router.route(previous_text)
-            else:
-                previous = router.previous_from_messages(rows)
-            return router.route(text, previous)
-
         try:
-            return await asyncio.to_thread(run)
+            return await asyncio.to_thread(self.router.route_turn, text, rows, previous_text)
         except Exception:
             log.exception("routing failed; answering without routing")
             self.metrics.routing_errors.inc()
@@ -695,7 +740,7 @@ class Assistant:
             params=GenerationParams(max_tokens=1), citations=citations_from_hits(hits, self.settings.docs_base_url),
             index_version=index_version,
             channel=channel, route=route, fixed_reply=reply, answer_kind=kind, mode=self.settings.answer_mode,
-            _assistant=self,
+            _replier=self._replier(),
         )
         stored = await asyncio.to_thread(self.log.customer_message, turn.conversation_id, user_text, turn.request_id,
                                          channel, turn.new_conversation, route)
@@ -710,7 +755,7 @@ class Assistant:
         The handoff is written first: when the store is down the turn fails with nothing stored
         (a retry is safe), instead of keeping the message for later while the request for a person is lost.
         """
-        h = await self.request_handoff(conversation_id, route.reason, channel=channel, intent=route.intent)
+        h = await self.request_handoff(conversation_id, str(route.reason), channel=channel, intent=route.intent)
         turn = await self._fixed_turn(h.conversation_id, user_text, channel, route, HANDOFF_NOTICE, new=False)
         turn.new_conversation = conversation_id is None
         turn.fixed_reply, turn.held, turn.status = None, True, "handoff"
@@ -734,7 +779,7 @@ class Assistant:
             prompt=BuiltPrompt(messages=[], hits=[], history_kept=0, prompt_tokens=0),
             params=GenerationParams(max_tokens=1), citations=[], index_version=None, channel=channel,
             held=True, status=status, user_message_id=stored.id if stored is not None else None, route=route,
-            mode=self.settings.answer_mode, _assistant=self,
+            mode=self.settings.answer_mode, _replier=self._replier(),
         )
 
     async def request_handoff(self, conversation_id: str | None, reason: str, queue: str = "default",
@@ -763,6 +808,10 @@ class Assistant:
         self.metrics.handoffs.labels(reason).inc()
         log.info("conversation %s handed off (%s)", h.conversation_id, reason)
         return h
+
+    def _replier(self) -> Replier:
+        """What a turn's reply is made with: this assistant's engine, metrics, reply settings and :meth:`record`."""
+        return Replier(self.engine, self.metrics, ReplyOptions.from_settings(self.settings), self.record)
 
     def record(self, turn: Turn) -> None:
         """Store the finished reply (the customer's message was stored by :meth:`start_turn`).
@@ -796,33 +845,6 @@ class Assistant:
         reply.request_id = turn.request_id
         msg = self.log.reply(reply)
         turn.message_id = msg.id if msg is not None else None
-
-    def extractive_units(self, turn: Turn) -> list:
-        """The passage units an extractive answer of ``turn`` quotes: up to ``extractive_max_units``
-        scoring at least ``extractive_min_score`` with the question (and on its topic with
-        ``extractive_on_topic``), best first
-        (:meth:`chatbot.verification.Evidence.best`); empty without evidence."""
-        s = self.settings
-        if turn.evidence is None:
-            return []
-        return turn.evidence.best(s.extractive_max_units, s.extractive_min_score, on_topic=s.extractive_on_topic)
-
-    def extractive_reply(self, turn: Turn) -> tuple[str, str]:
-        """The extractive answer of ``turn``: its :meth:`extractive_units`, quoted verbatim in order of relevance,
-        each with its citation [n] (spans marked on :attr:`Turn.citations`); when none is close
-        enough, the abstention that offers a person (and the turn cites nothing).
-
-        Returns:
-            ``(text, kind)`` with kind ``extractive`` or ``abstained``.
-        """
-        s = self.settings
-        units = self.extractive_units(turn)
-        if not units:
-            turn.citations = []  # nothing of the passages is shown: no sources under an abstention
-            return s.abstain_message, "abstained"
-        for u in units:
-            turn._mark(u)
-        return " ".join(cite(u.text, u.passage) for u in units), "extractive"
 
     async def respond(self, conversation_id: str | None, text: object, **kwargs) -> Turn:
         """Run a whole turn without streaming; return the finished :class:`Turn`."""

@@ -8,7 +8,7 @@ import pytest
 
 from chatbot.config import Settings
 from chatbot.errors import ConfigError, InvalidInputError, NotFoundError
-from chatbot.router import RouteDecision, Router, RoutingPolicy
+from chatbot.router import Reason, RouteDecision, Router, RoutingPolicy, plan
 from tests.chatbot.fakes import SlotHead, TableHead
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,3 +160,70 @@ def test_greetings_and_thanks_are_answered_and_never_escalate(policy):
     ask = RouteDecision("track_order", 0.9, [], "ask_slot", "missing_slot", "order_id", "track_order")
     again = r.route("thanks", previous=ask)
     assert (again.action, again.missing_slot) == ("ask_slot", "order_id")
+
+
+PLAN_TABLE = {"Where is order 87654321?": ("track_order", 0.98), "Where is my parcel?": ("track_order", 0.97),
+              "blah": ("out_of_scope", 0.99)}
+
+
+def test_plan_says_whether_to_search_with_which_queries_and_what_to_reply(policy):
+    r = router(policy, PLAN_TABLE)
+    answer = plan(r.route("Where is order 87654321?"), "Where is order 87654321?", [], policy)
+    assert (answer.action, answer.search, answer.reply, answer.queries) == (
+        "answer", True, None, ("Where is order 87654321?",))
+    ask = plan(r.route("Where is my parcel?"), "Where is my parcel?", [], policy)
+    assert (ask.action, ask.search, ask.reply) == ("ask_slot", False, "Could you give me your order number, please?")
+    filled = r.route("It is 12345678", previous=ask.decision)
+    follow = plan(filled, "It is 12345678", ["Where is my parcel?"], policy)
+    assert (follow.decision.reason, follow.search, follow.queries) == (
+        "slot_filled", True, ("Where is my parcel? It is 12345678",))
+    off = r.route("blah")
+    assert plan(off, "blah", [], policy).reply == policy.clarify_message
+    # a clarify is searched only when a close passage may ground it
+    assert (plan(off, "blah", [], policy).search, plan(off, "blah", [], policy, 0.4).search) == (False, True)
+    hi = plan(r.route("Hi"), "Hi", [], policy)
+    assert (hi.action, hi.search, hi.reply) == ("answer", False, policy.smalltalk_message)
+    human = plan(r.route("I want to talk to a human"), "I want to talk to a human", [], policy, 0.4)
+    assert (human.handoff, human.search, human.reply) == (True, False, None)
+    unrouted = plan(None, "and gold members?", ["Can I return shoes?"])
+    assert (unrouted.action, unrouted.decision, unrouted.search, unrouted.queries) == (
+        "answer", None, True, ("and gold members?", "Can I return shoes? and gold members?"))
+    with pytest.raises(ConfigError, match="policy"):
+        plan(off, "blah", [])
+
+
+def test_after_search_grounds_a_clarify_only_on_a_close_passage(policy):
+    r = router(policy, PLAN_TABLE)
+    off = r.route("blah")
+    grounded = plan(off, "blah", [], policy, 0.4)
+    assert grounded.after_search(0.3) is grounded and grounded.after_search(None) is grounded
+    won = grounded.after_search(0.5)
+    assert (won.action, won.decision.reason, won.reply, won.decision.clarifications, won.queries) == (
+        "answer", "grounded:out_of_scope", None, 0, ("blah",))
+    assert plan(off, "blah", [], policy).after_search(0.99).action == "clarify"  # grounding off
+    exhausted = plan(r.route("blah", previous=off), "blah", [], policy, 0.4)
+    assert (exhausted.handoff, exhausted.after_search(0.5).decision.reason) == (True, "grounded:out_of_scope")
+    unrouted = plan(None, "hello", [])
+    assert unrouted.after_search(0.99) is unrouted
+
+
+def test_route_turn_rebuilds_the_previous_decision_from_the_store_or_the_client_history(policy):
+    from types import SimpleNamespace
+
+    r = router(policy, PLAN_TABLE)
+    assert r.state_rows == 2 * (policy.max_clarifications + 1)
+    rows = [SimpleNamespace(role="user", intent="track_order", confidence=0.97, slots=[], action="ask_slot"),
+            SimpleNamespace(role="assistant", intent=None, confidence=None, slots=None, action="ask_slot")]
+    stored = r.route_turn("It is 12345678", rows)
+    sent = r.route_turn("It is 12345678", previous_text="Where is my parcel?")
+    assert [(d.action, d.reason, d.intent) for d in (stored, sent)] == [("answer", "slot_filled", "track_order")] * 2
+    assert r.route_turn("It is 12345678").reason == "out_of_scope"  # no earlier message: nothing pending
+
+
+def test_a_decision_holds_a_known_action_and_reason(policy):
+    assert RouteDecision("track_order", 0.9, [], "answer", "policy").reason is Reason.POLICY
+    assert RouteDecision("track_order", 0.9).to_dict()["reason"] == "policy"
+    with pytest.raises(InvalidInputError, match="route reason must be one of .* got 'because'"):
+        RouteDecision("track_order", 0.9, [], "answer", "because")
+    with pytest.raises(InvalidInputError, match="route action must be one of .* got 'reply'"):
+        RouteDecision("track_order", 0.9, [], "reply", "policy")

@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from chatbot.service import Assistant, retrieval_queries
+from chatbot.router import retrieval_queries
+from chatbot.service import Assistant
 from tests.chatbot.fakes import ScriptedEngine
 
 DOCS = {
