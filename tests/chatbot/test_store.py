@@ -164,7 +164,7 @@ def test_export_rows_and_csv_hold_every_message_with_review_and_feedback(store):
     import csv
     import io
 
-    from chatbot.console_api import CSV_FIELDS, export_csv, export_jsonl
+    from chatbot.review import CSV_FIELDS, export_csv, export_jsonl
 
     staff = store.add_user("sam", "x" * 20, "staff")
     cid = _conv(store, [("user", 'Say "hi", please'), ("assistant", "hi")],
@@ -192,7 +192,7 @@ def test_csv_export_neutralises_formulas_and_jsonl_keeps_the_exact_text(store):
     import io
     import json
 
-    from chatbot.console_api import export_csv, export_jsonl
+    from chatbot.review import export_csv, export_jsonl
 
     staff = store.add_user("sam", "x" * 20, "staff")
     texts = [*FORMULAS, "\tindented", "a = b, fine"]
