@@ -47,13 +47,8 @@ from chatbot.store.users import UserStore
 class Store(ConversationStore, ReviewStore, AnalyticsStore, UserStore):
     """Conversation log store: conversations and messages, handoffs, review, analytics, console users.
 
-    Args:
-        url: SQLAlchemy URL (``sqlite:///path.db`` or ``postgresql+psycopg://...``).
-        migrate: bring the schema to the newest migration on open (default).
-        retries: attempts of a write that fails transiently (locked database, dropped connection).
-
-    Raises:
-        StoreError: the database cannot be opened or migrated.
+    ``Store(url, migrate=True, retries=4)``: see :class:`~chatbot.store.base.StoreBase` (raises
+    :class:`~chatbot.errors.StoreError` when the database cannot be opened or migrated).
     """
 
 
