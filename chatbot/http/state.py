@@ -10,14 +10,14 @@ from fastapi import FastAPI, Request
 
 from chatbot.auth import Auth, request_token
 from chatbot.operations import Jobs
-from chatbot.review import Review
 from chatbot.store import User
 
 log = logging.getLogger(__name__)
 
 
 class Console:
-    """Per-app console state: the login service, the review service and the operator's background jobs.
+    """Per-app console state: the login service (with a 5 s cache of session lookups) and the operator's
+    background jobs.
 
     Created on first use (the assistant exists only once the app has started); creates the
     ``admin_username`` operator when ``admin_password`` is set and no such user exists.
@@ -30,7 +30,6 @@ class Console:
         settings = app.state.settings
         assistant = app.state.assistant
         self.app = app
-        self.review: Review = assistant.review
         self.auth = Auth(assistant.store, session_hours=settings.console_session_hours)
         self._cache: dict[str, tuple[float, User | None]] = {}
         self._cache_lock = threading.Lock()
