@@ -421,7 +421,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # feedback, handoff and the staff / operator console (before the chat page: it takes every other path)
-    from chatbot.console_api import install_console
+    from chatbot.http import install_console
 
     app = install_console(app, settings, mount_ui=mount_ui)
     # outermost: the client address and scheme of a request through a trusted proxy, for everything inside

@@ -60,6 +60,16 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def request_token(request) -> str | None:
+    """The session token a request carries: the :data:`COOKIE_NAME` cookie, else an ``Authorization: Bearer``
+    header (``request``: anything with Starlette's ``cookies`` and ``headers`` mappings)."""
+    token = request.cookies.get(COOKIE_NAME)
+    if token:
+        return token
+    h = request.headers.get("authorization", "")
+    return h[7:].strip() if h.lower().startswith("bearer ") else None
+
+
 def has_role(user: User | None, role: str) -> bool:
     """True when ``user`` is active and its role includes ``role``."""
     return user is not None and user.active and role in ROLE_INCLUDES.get(user.role, set())

@@ -223,7 +223,7 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=4000, ge=1)
     history_turns: int = Field(default=6, ge=0)
 
-    # --- conversation log, handoff and the staff / operator console (chatbot.store, chatbot.console_api)
+    # --- conversation log, handoff and the staff / operator console (chatbot.store, chatbot.http)
     redact_pii: bool = Field(
         default=True, description="Redact emails, phone and card numbers and person names before text is stored."
     )

@@ -11,7 +11,6 @@ the bottom (the only place that knows the fine-tuning module's API).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import shutil
 import threading
@@ -205,14 +204,13 @@ def export_approved(store, settings, out_dir: Path | None = None) -> tuple[Path,
     Raises:
         InvalidInputError: no conversation has an approved reply.
     """
-    examples = store.sft_examples(approved_only=True, system_prompt=settings.system_prompt)
-    if not examples:
-        raise InvalidInputError("no approved transcripts: approve replies in the staff console first")
     out_dir = Path(out_dir or settings.data_dir / "training")
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"approved-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}.jsonl"
-    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-    return path, len(examples)
+    n = store.export_sft_jsonl(path, approved_only=True, system_prompt=settings.system_prompt)  # the store's export
+    if not n:
+        path.unlink(missing_ok=True)
+        raise InvalidInputError("no approved transcripts: approve replies in the staff console first")
+    return path, n
 
 
 def check_trainable(store, settings) -> int:

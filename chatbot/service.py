@@ -13,6 +13,7 @@ import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from urllib.parse import quote
 
 from chatbot.admission import Admission, Ticket
@@ -23,6 +24,7 @@ from chatbot.engines.stops import StopFilter
 from chatbot.errors import ChatbotError, EngineError, InvalidInputError, RequestTimeoutError
 from chatbot.metrics import Metrics
 from chatbot.prompts import BuiltPrompt, build_prompt
+from chatbot.review import Review
 from chatbot.router import RouteDecision, Router, plan
 from chatbot.store import HUMAN_STATUSES, Handoff, Message, Store, ids_as_str
 from chatbot.verification import Evidence, SentenceStream, Verifier, cite, covered, sanitize_passage, strip_markers
@@ -781,6 +783,12 @@ class Assistant:
             held=True, status=status, user_message_id=stored.id if stored is not None else None, route=route,
             mode=self.settings.answer_mode, _replier=self._replier(),
         )
+
+    @cached_property
+    def review(self) -> Review:
+        """The review service over this assistant's conversation log (:class:`chatbot.review.Review`): what the
+        faces call for feedback, transcripts, annotations, handoffs, exports and analytics."""
+        return Review(self.store, self.log)
 
     async def request_handoff(self, conversation_id: str | None, reason: str, queue: str = "default",
                               channel: str = "web", intent: str | None = None) -> Handoff:

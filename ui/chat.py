@@ -4,7 +4,7 @@ a "talk to a person" button, and staff replies shown in the same window.
 UI only: every decision is made by :class:`chatbot.service.Assistant`.
 Each browser session keeps its own ``conversation_id`` (and the ids of its replies)
 in ``gr.State``, so two customers never share history. While a person has the
-conversation, a timer polls the store for staff replies (every ``poll_s`` seconds).
+conversation, a timer polls for staff replies every ``poll_s`` seconds (:class:`chatbot.review.Review`).
 
 Embed it in another site with the script tag served at ``/widget.js`` (see README,
 "Embed the chat") or an ``<iframe src="https://support.example.com/">``.
@@ -216,7 +216,7 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
             return  # a notice, or a reply that was not stored: nothing to rate
         rating, comment = rating_of(data.liked)
         try:
-            await asyncio.to_thread(get_assistant().store.add_feedback, conversation_id, int(message_id), rating,
+            await asyncio.to_thread(get_assistant().review.feedback, conversation_id, int(message_id), rating,
                                     comment)
         except ChatbotError:
             log.exception("feedback on message %s not stored", message_id)
@@ -224,10 +224,10 @@ def build_chat_ui(get_assistant: Callable[[], object], poll_s: float = 2.0):
     def poll(conversation_id: str | None, history: list, last_seen: int, status: str):
         if not conversation_id or status not in ("handoff", "human"):
             return gr.skip(), gr.skip(), gr.skip()
-        store = get_assistant().store
+        review = get_assistant().review
         try:
-            conv = store.get_conversation(conversation_id)
-            new = store.messages_after(conversation_id, int(last_seen or 0), roles=("staff",))
+            conv = review.conversation(conversation_id)
+            new = review.messages_after(conversation_id, int(last_seen or 0), roles=("staff",))
         except ChatbotError:
             return gr.skip(), gr.skip(), gr.skip()
         if not new and conv.status == status:

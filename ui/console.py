@@ -1,4 +1,4 @@
-"""Staff and operator console (Gradio), mounted behind the login by :mod:`chatbot.console_api`.
+"""Staff and operator console (Gradio), mounted behind the login by :mod:`chatbot.http`.
 
 * ``/console`` (staff and operators): search transcripts (text, date range, intent,
   status, feedback), open one with its citations, intents and confidences, write a
@@ -8,9 +8,10 @@
   from approved transcripts (a background job with progress), see adapters with their
   evaluation results and promote or roll back, and the analytics page.
 
-UI only: the work is done by :class:`chatbot.store.Store`, :mod:`chatbot.console_api`
-and :mod:`chatbot.operations`. Every handler looks the user up from the request and
-checks the role again (the login guard already refused the page otherwise).
+UI only: the work is done by the service layer, :class:`chatbot.review.Review` (``assistant.review``)
+and :mod:`chatbot.operations`. Every handler looks the user up from the request and checks the role
+again (the login guard already refused the page otherwise); the page is given the app's console state
+(``console()``: ``user(token)``, ``user_named(name)``, ``jobs``) by the face that mounts it.
 """
 
 import asyncio
@@ -19,7 +20,10 @@ import logging
 from collections.abc import Callable
 from urllib.parse import quote
 
+from chatbot import operations as ops
+from chatbot.auth import has_role, request_token
 from chatbot.errors import ChatbotError
+from chatbot.review import parse_ids
 from ui.chat import customer_text, escape_markdown, format_sources, safe_reply
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,7 @@ def _fmt_metric(v) -> str:
 
 
 def render_transcript(t: dict) -> str:
-    """Markdown of a transcript (:meth:`chatbot.store.Store.transcript`): each message with its role,
+    """Markdown of a transcript (:meth:`chatbot.review.Review.transcript`): each message with its role,
     time, intent and confidence, citations and retrieved chunks, versions, latency, feedback and review.
 
     What customers and staff wrote (messages, slot values, feedback comments, corrections) is shown as
@@ -130,8 +134,6 @@ def render_transcript(t: dict) -> str:
 
 def export_links(ids_text: str) -> str:
     """HTML links to the export endpoint for the given conversation ids (comma or space separated)."""
-    from chatbot.console_api import parse_ids
-
     try:
         ids = parse_ids(ids_text or "")
     except ChatbotError as exc:
@@ -145,25 +147,23 @@ def export_links(ids_text: str) -> str:
             f'Download CSV</a></p>')
 
 
-def _user(app, request, role: str = "staff"):
+def _user(console: Callable[[], object], request, role: str = "staff"):
     """The console user of a Gradio request; raises gr.Error when not allowed."""
     import gradio as gr
 
-    from chatbot.auth import has_role
-    from chatbot.console_api import get_console, request_token
-
     user = None
     if request is not None:
-        user = get_console(app).user(request_token(request.request) if getattr(request, "request", None) else None)
+        state = console()
+        user = state.user(request_token(request.request) if getattr(request, "request", None) else None)
         if user is None and getattr(request, "username", None):
-            user = get_console(app).store.get_user(request.username)
+            user = state.user_named(request.username)
     if not has_role(user, role):
         raise gr.Error(f"{role} login required")
     return user
 
 
-def _header(app, request, page: str = "console") -> str:
-    user = _user(app, request)
+def _header(console: Callable[[], object], request, page: str = "console") -> str:
+    user = _user(console, request)
     if page == "operator":
         link = " · [Staff console](/console/)"
     else:
@@ -171,23 +171,25 @@ def _header(app, request, page: str = "console") -> str:
     return f"Logged in as **{user.username}** ({user.role}) · [Log out](/console/logout){link}"
 
 
-def build_console_ui(get_assistant: Callable[[], object], app):
-    """The staff console (Gradio Blocks), mounted at ``/console``."""
+def build_console_ui(get_assistant: Callable[[], object], console: Callable[[], object]):
+    """The staff console (Gradio Blocks), mounted at ``/console``.
+
+    Args:
+        get_assistant: returns the running :class:`~chatbot.service.Assistant` (its ``review`` service).
+        console: returns the app's console state (who is logged in).
+    """
     import gradio as gr
 
-    from chatbot.console_api import parse_day
-
-    def store():
-        return get_assistant().store
+    def review():
+        return get_assistant().review
 
     def search(q, since, until, intent, status, feedback, approved_only, request: gr.Request):
         """The results, their count and ids; the open transcript and its review fields are cleared."""
-        _user(app, request)
+        _user(console, request)
         approved_flag = {"approved": True, "not approved": False}.get(approved_only or "")
         try:
-            rows = store().search_conversations(q or None, parse_day(since, "since"),
-                                                parse_day(until, "until", end=True), intent or None,
-                                                status or None, feedback or None, limit=200, approved=approved_flag)
+            rows = review().search(q or None, since, until, intent or None, status or None, feedback or None,
+                                   approved=approved_flag, limit=200)
         except ChatbotError as exc:
             raise gr.Error(str(exc)) from exc
         data = [[r["id"], _fmt_time(r["started_at"]), r["status"], r["channel"], r["messages"],
@@ -196,12 +198,12 @@ def build_console_ui(get_assistant: Callable[[], object], app):
         return (gr.update(value=data or None), f"{len(rows)} conversation(s)", [r["id"] for r in rows], *cleared)
 
     def open_conversation(cid, request: gr.Request):
-        _user(app, request)
+        _user(console, request)
         cid = (cid or "").strip()
         if not cid:
             return "Enter or pick a conversation.", gr.update(choices=[], value=None), "", False
         try:
-            t = store().transcript(cid)
+            t = review().transcript(cid)
         except ChatbotError as exc:
             return f"**{html.escape(str(exc))}**", gr.update(choices=[], value=None), "", False
         replies = [m for m in t["messages"] if m["role"] in ("assistant", "staff")]
@@ -218,25 +220,23 @@ def build_console_ui(get_assistant: Callable[[], object], app):
         return a.get("corrected_text") or m["text"], bool(a.get("approved"))
 
     def pick_reply(cid, message_id, request: gr.Request):
-        _user(app, request)
+        _user(console, request)
         if not cid or message_id is None:
             return "", False
         try:
-            t = store().transcript(cid.strip())
+            t = review().transcript(cid.strip())
         except ChatbotError:
             return "", False
         m = next((m for m in t["messages"] if m["id"] == int(message_id)), None)
         return _annotation_fields(m)
 
     def save_annotation(cid, message_id, corrected, approved, request: gr.Request):
-        user = _user(app, request)
+        user = _user(console, request)
         if message_id is None:
             raise gr.Error("pick a reply to annotate")
-        a = get_assistant()
-        text = a.log.redactor.redact(corrected or "").text
         try:
-            a.store.annotate(int(message_id), user.id, text, bool(approved))
-            t = a.store.transcript(cid.strip())
+            review().annotate(int(message_id), user.id, corrected or "", bool(approved))
+            t = review().transcript(cid.strip())
         except ChatbotError as exc:
             raise gr.Error(str(exc)) from exc
         state = "approved for training" if approved else "not approved"
@@ -256,44 +256,44 @@ def build_console_ui(get_assistant: Callable[[], object], app):
         return value, export_links(value)
 
     def queue(request: gr.Request):
-        _user(app, request)
-        rows = store().handoff_queue()
+        _user(console, request)
+        rows = review().handoff_queue()
         data = [[r["conversation_id"], _fmt_time(r["created_at"]), r["reason"], r["intent"] or "", r["status"],
                  r["assigned_to"] or "", r["preview"]] for r in rows]
         return gr.update(value=data or None), f"{len(rows)} waiting or in progress"
 
     def show(cid):
         try:
-            return render_transcript(store().transcript(cid.strip()))
+            return render_transcript(review().transcript(cid.strip()))
         except ChatbotError as exc:
             return f"**{html.escape(str(exc))}**"
 
     def take(cid, request: gr.Request):
-        user = _user(app, request)
+        user = _user(console, request)
         if not (cid or "").strip():
             raise gr.Error("enter or pick a conversation")
         try:
-            store().take_handoff(cid.strip(), user.id)
+            review().take(cid.strip(), user.id)
         except ChatbotError as exc:
             raise gr.Error(str(exc)) from exc
         return show(cid), f"You have conversation {cid.strip()}; the bot stays silent until you hand it back."
 
     def send_reply(cid, text, request: gr.Request):
-        user = _user(app, request)
+        user = _user(console, request)
         if not (cid or "").strip():
             raise gr.Error("enter or pick a conversation")
         try:
-            get_assistant().log.staff_reply(cid.strip(), user.id, text or "")
+            review().reply(cid.strip(), user.id, text or "")
         except ChatbotError as exc:
             raise gr.Error(str(exc)) from exc
         return show(cid), "", "Reply sent."
 
     def release(cid, close: bool, request: gr.Request):
-        _user(app, request)
+        _user(console, request)
         if not (cid or "").strip():
             raise gr.Error("enter or pick a conversation")
         try:
-            c = store().release_handoff(cid.strip(), close=close)
+            c = review().release(cid.strip(), close=close)
         except ChatbotError as exc:
             raise gr.Error(str(exc)) from exc
         return show(cid), ("Conversation closed." if close else "Handed back to the bot.") + f" Status: {c.status}."
@@ -305,7 +305,7 @@ def build_console_ui(get_assistant: Callable[[], object], app):
         return release(cid, True, request)
 
     def header_text(request: gr.Request):
-        return _header(app, request)
+        return _header(console, request)
 
     def select_row(evt: gr.SelectData, df):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -434,26 +434,28 @@ def _progress_html(job: dict | None) -> str:
             f"<small>{html.escape(job['message'] or '')}</small>{train_run_html(run)}</div>")
 
 
-def build_operator_ui(get_assistant: Callable[[], object], app):
-    """The operator console (Gradio Blocks), mounted at ``/operator``."""
+def build_operator_ui(get_assistant: Callable[[], object], console: Callable[[], object]):
+    """The operator console (Gradio Blocks), mounted at ``/operator``.
+
+    Args:
+        get_assistant: returns the running :class:`~chatbot.service.Assistant`.
+        console: returns the app's console state (who is logged in, the background ``jobs``).
+    """
     import gradio as gr
     import pandas as pd
 
-    from chatbot import operations as ops
-    from chatbot.console_api import get_console, parse_day
-
     def jobs():
-        return get_console(app).jobs
+        return console().jobs
 
     def latest(kind: str):
         js = jobs().list(kind)
         return js[0].as_dict() if js else None
 
     def header_text(request: gr.Request):
-        return _header(app, request, "operator")
+        return _header(console, request, "operator")
 
     def start_reindex(files, include_kb, request: gr.Request):
-        user = _user(app, request, "operator")
+        user = _user(console, request, "operator")
         a = get_assistant()
         settings = a.settings
         if a.retriever is None:
@@ -471,7 +473,7 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         return _progress_html(job.as_dict())
 
     def start_training(request: gr.Request):
-        user = _user(app, request, "operator")
+        user = _user(console, request, "operator")
         a = get_assistant()
         try:
             ops.check_trainable(a.store, a.settings)  # refuse at once rather than in a failed job
@@ -482,7 +484,7 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         return _progress_html(job.as_dict())
 
     def progress(request: gr.Request):
-        _user(app, request, "operator")
+        _user(console, request, "operator")
         return _progress_html(latest("reindex")), _progress_html(latest("train"))
 
     def served_line() -> str:
@@ -496,7 +498,7 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
                 f"Reason: {st['reason']}")
 
     async def adapters(request: gr.Request):
-        _user(app, request, "operator")
+        _user(console, request, "operator")
         a = get_assistant()
         await a.adapters.sync(a.engine)
         settings = a.settings
@@ -528,7 +530,7 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         return gr.update(value=df), "\n".join(lines), gr.update(value=hist)
 
     async def promote(version, request: gr.Request):
-        user = _user(app, request, "operator")
+        user = _user(console, request, "operator")
         a = get_assistant()
         try:
             out = await asyncio.to_thread(ops.promote_adapter, a.settings, (version or "").strip(), user.username)
@@ -540,7 +542,7 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
                 f"{body}\n\n{served_line()}")
 
     async def rollback(request: gr.Request):
-        user = _user(app, request, "operator")
+        user = _user(console, request, "operator")
         a = get_assistant()
         try:
             out = await asyncio.to_thread(ops.rollback_adapter, a.settings, user.username)
@@ -559,9 +561,9 @@ def build_operator_ui(get_assistant: Callable[[], object], app):
         return (*await adapters(request), done)
 
     def analytics(since, until, request: gr.Request):
-        _user(app, request, "operator")
+        _user(console, request, "operator")
         try:
-            a = get_assistant().store.analytics(parse_day(since, "since"), parse_day(until, "until", end=True))
+            a = get_assistant().review.analytics(since, until)
         except ChatbotError as exc:
             raise gr.Error(str(exc)) from exc
         days = pd.DataFrame(a["per_day"] or [], columns=["day", "conversations", "handoffs", "up", "down"])

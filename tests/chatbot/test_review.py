@@ -8,7 +8,7 @@ import csv
 import io
 import json
 
-from chatbot.console_api import CSV_FIELDS, export_csv
+from chatbot.review import CSV_FIELDS, export_csv
 from chatbot.store import Message, Store
 from tests.chatbot.pg import db_url, store  # noqa: F401  (fixtures)
 from tests.chatbot.test_handoff import _chat, _login, client  # noqa: F401  (fixtures and helpers)

@@ -150,6 +150,31 @@ def test_annotations_feed_the_sft_export_and_approved_only_cuts_after_the_last_a
     assert store.sft_examples([unapproved])[0]["messages"][1]["content"] == "hello"
 
 
+def test_sft_jsonl_export_to_a_file_and_to_a_stream(store, tmp_path):
+    import io
+    import json
+
+    staff = store.add_user("sam", "x" * 20, "staff")
+    a = _conv(store, [("user", "Where is my order?"), ("assistant", "It shipped.")])
+    b = _conv(store, [("user", "Refund?"), ("assistant", "Yes."), ("user", "thanks"), ("assistant", "Bye.")])
+    _conv(store, [("user", "no reply yet")])
+    store.annotate(store.messages(b)[1].id, staff.id, "Yes, within 30 days.", approved=True)
+    path = tmp_path / "new" / "folder" / "sft.jsonl"
+    assert store.export_sft_jsonl(path, system_prompt="Be kind.") == 2
+    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    assert [x["id"] for x in lines] == [f"store:{a}", f"store:{b}"]
+    assert lines == store.sft_examples(system_prompt="Be kind.")
+    assert lines[1]["messages"][:3] == [{"role": "system", "content": "Be kind."},
+                                        {"role": "user", "content": "Refund?"},
+                                        {"role": "assistant", "content": "Yes, within 30 days."}]
+    assert [p.name for p in path.parent.iterdir()] == ["sft.jsonl"]  # no temporary file left
+    buf = io.StringIO()
+    assert store.export_sft_jsonl(buf, approved_only=True) == 1
+    assert json.loads(buf.getvalue())["messages"] == [{"role": "user", "content": "Refund?"},
+                                                      {"role": "assistant", "content": "Yes, within 30 days."}]
+    assert store.export_sft_jsonl(path, conversation_ids=[]) == 0 and path.read_text() == ""
+
+
 def test_sft_export_joins_staff_replies_and_drops_a_trailing_customer_message(store):
     staff = store.add_user("sam", "x" * 20, "staff")
     cid = _conv(store, [("user", "I want a person"), ("user", "now please")])
@@ -164,7 +189,7 @@ def test_export_rows_and_csv_hold_every_message_with_review_and_feedback(store):
     import csv
     import io
 
-    from chatbot.console_api import CSV_FIELDS, export_csv, export_jsonl
+    from chatbot.review import CSV_FIELDS, export_csv, export_jsonl
 
     staff = store.add_user("sam", "x" * 20, "staff")
     cid = _conv(store, [("user", 'Say "hi", please'), ("assistant", "hi")],
@@ -192,7 +217,7 @@ def test_csv_export_neutralises_formulas_and_jsonl_keeps_the_exact_text(store):
     import io
     import json
 
-    from chatbot.console_api import export_csv, export_jsonl
+    from chatbot.review import export_csv, export_jsonl
 
     staff = store.add_user("sam", "x" * 20, "staff")
     texts = [*FORMULAS, "\tindented", "a = b, fine"]
@@ -284,6 +309,22 @@ def test_a_handoff_without_a_conversation_opens_one(store):
     assert (conv.status, conv.channel) == ("handoff", "web")
     with pytest.raises(NotFoundError):
         store.request_handoff("missing", "customer_request")
+
+
+def test_status_changes_only_through_change_status_and_refuses_an_unknown_event(store):
+    from chatbot.store import STATUS_EVENTS, change_status
+    from chatbot.store.conversations import _conversation
+
+    cid = _conv(store, [("user", "hi")])
+    with pytest.raises(InvalidInputError, match="event must be one of .* got 'reopen'"):
+        store._write("x", lambda s: change_status(s, _conversation(s, cid), "reopen"))
+    seen = []
+    for event in ("handoff", "take", "hand_back", "close", "customer_message"):
+        store._write("x", lambda s, e=event: change_status(s, _conversation(s, cid), e))
+        seen.append(store.get_conversation(cid).status)
+    assert seen == ["handoff", "human", "bot", "closed", "bot"]
+    assert [h["status"] for h in store.transcript(cid)["handoffs"]] == ["returned"]  # close found none pending
+    assert set(STATUS_EVENTS) == {"customer_message", "handoff", "take", "staff_reply", "hand_back", "close"}
 
 
 # ------------------------------------------------------------------------------ analytics
