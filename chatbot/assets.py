@@ -24,8 +24,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Protocol
 
-from chatbot.config import EMBEDDED_CHAT_MODEL, EMBEDDED_EMBEDDER, Settings
 from chatbot.errors import ModelAssetError
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,22 @@ SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 #: Bump when the conversion changes, so old caches are rebuilt.
 _CONVERSION_VERSION = 1
 
+#: Name the embedded chat model is known by when ``model`` is left at its default.
+EMBEDDED_CHAT_MODEL = "embedded:smollm2-135m-instruct"
+#: Name the embedded embedder is known by when ``embedder`` is left at its default.
+EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
 
-def resolve_chat_model(settings: Settings) -> str:
+
+class ModelChoice(Protocol):
+    """What the resolvers read: the chat model and embedder names and the cache folder (``Settings`` has them;
+    this module never builds settings itself)."""
+
+    model: str
+    embedder: str
+    cache_dir: Path
+
+
+def resolve_chat_model(settings: ModelChoice) -> str:
     """Return a path or hub id for ``settings.model``, converting the embedded model if needed.
 
     Returns:
@@ -52,7 +66,7 @@ def resolve_chat_model(settings: Settings) -> str:
     return settings.model
 
 
-def resolve_embedder(settings: Settings) -> str:
+def resolve_embedder(settings: ModelChoice) -> str:
     """Return a path or id for ``settings.embedder`` (the packaged MiniLM folder by default).
 
     Raises:

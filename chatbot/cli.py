@@ -31,9 +31,9 @@ def _embedder(settings):
 
 
 def _index_options(settings):
-    from retrieval.index import IndexOptions
+    from chatbot.options import index_options
 
-    return IndexOptions.from_settings(settings)
+    return index_options(settings)
 
 
 def cmd_setup(args) -> int:
@@ -326,6 +326,7 @@ def cmd_eval_retrieval(args) -> int:
     """Score dense, BM25 and hybrid retrieval on a labelled dataset: a table on stdout, optionally JSON."""
     import json
 
+    from chatbot.options import search_options
     from retrieval.evaluate import format_table, load_dstc11_track5, load_jsonl, run_eval
     from retrieval.loaders import load_paths
 
@@ -349,7 +350,8 @@ def cmd_eval_retrieval(args) -> int:
                 index_dir = args.index_dir or s.data_dir / "eval" / path.stem
         if args.limit:
             evalset.queries = evalset.queries[: args.limit]
-        res = run_eval(evalset, _embedder(s), Path(index_dir), s, modes, show_progress=True)
+        res = run_eval(evalset, _embedder(s), Path(index_dir), search_options(s), modes, chunk_tokens=s.chunk_tokens,
+                       chunk_overlap=s.chunk_overlap, show_progress=True)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

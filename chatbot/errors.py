@@ -49,6 +49,21 @@ class RetrievalIndexError(ChatbotError):
     error_type = "index_error"
 
 
+class RetrievalError(ChatbotError, ValueError):
+    """A retrieval argument, option or document is invalid (a bad ``top_k``, mode, vector shape, unreadable file);
+    the message names the field and the value. A ``ValueError`` too, for callers that catch that."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class DocumentNotFoundError(ChatbotError, FileNotFoundError):
+    """A document path given to ingest does not exist. A ``FileNotFoundError`` too."""
+
+    http_status = 404
+    error_type = "not_found_error"
+
+
 class EngineError(ChatbotError):
     """The generation engine failed to start or to serve a request."""
 

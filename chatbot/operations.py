@@ -182,13 +182,13 @@ def reindex(settings, embedder, paths: Sequence[Path], report: Report, sync: boo
         ``{"summary", "version", "published", "added", "updated", "removed", "chunks_total",
         "chunks_embedded", "skipped"}``.
     """
+    from chatbot.options import index_options
     from retrieval.ingest import ingest
-    from retrieval.index import IndexOptions
 
     report(0.05, f"reading {len(paths)} path(s)")
     with _TqdmWatcher(report, 0.1, 0.95, "embedding"):
         rep = ingest(list(paths), settings.index_dir, embedder, settings.chunk_tokens, settings.chunk_overlap,
-                     sync=sync, show_progress=True, index_options=IndexOptions.from_settings(settings))
+                     sync=sync, show_progress=True, index_options=index_options(settings))
     report(1.0, rep.summary())
     return {"summary": rep.summary(), "version": rep.version, "published": rep.published, "added": rep.added,
             "updated": rep.updated, "removed": rep.removed, "chunks_total": rep.chunks_total,

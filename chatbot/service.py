@@ -23,6 +23,7 @@ from chatbot.engines.base import ChatMessage, Engine, GenerationParams
 from chatbot.engines.stops import StopFilter
 from chatbot.errors import ChatbotError, EngineError, InvalidInputError, RequestTimeoutError
 from chatbot.metrics import Metrics
+from chatbot.options import search_options
 from chatbot.prompts import BuiltPrompt, build_prompt
 from chatbot.review import Review
 from chatbot.router import RouteDecision, Router, plan
@@ -537,7 +538,7 @@ class Assistant:
 
         engine = build_engine(settings, resolve_chat_model(settings))
         embedder = Embedder(resolve_embedder(settings), name=settings.embedder)
-        retriever = Retriever(index_dir or settings.index_dir, embedder, settings)
+        retriever = Retriever(index_dir or settings.index_dir, embedder, search_options(settings))
         router = Router.from_settings(settings) if settings.routing else None
         return cls(settings, engine, retriever, Store(database_url or settings.resolved_database_url), router=router)
 

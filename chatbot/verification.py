@@ -27,11 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-#: Share of a sentence's content tokens that must occur in one passage unit (see the module docstring).
-#: 0.8: on both dev sets (data/eval) 0.6, 0.7 and 0.8 give the same correct / fact recall, but at 0.6
-#: a small model's recombinations passed ("The City Stop Restaurant does not sell alcohol" against a
-#: passage saying it does); the table is in docs/answers.md.
-DEFAULT_MIN_OVERLAP = 0.8
+from chatbot.config import DEFAULT_MIN_OVERLAP  # the share of content tokens a passage unit must hold
 
 #: a shown sentence has at least this many distinct content tokens, one of them a word
 MIN_SENTENCE_TOKENS = 2

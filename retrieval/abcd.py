@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from chatbot.errors import RetrievalError
 
 LICENSE_NOTE = "ABCD (Action-Based Conversations Dataset), ASAPP Research, MIT license"
 
@@ -32,8 +33,8 @@ def render_abcd_guidelines(src_dir: Path, out_dir: Path) -> list[Path]:
     ``kb.json`` action sequence.
 
     Raises:
-        FileNotFoundError: ``guidelines.json`` is missing.
-        ValueError: the flows or subflows of the files do not line up.
+        DocumentNotFoundError: ``guidelines.json`` is missing.
+        RetrievalError: the flows or subflows of the files do not line up.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     guidelines = json.loads((src_dir / "guidelines.json").read_text())
@@ -48,7 +49,7 @@ def render_abcd_guidelines(src_dir: Path, out_dir: Path) -> list[Path]:
         if ontology is not None:
             names = ontology["intents"]["subflows"].get(flow_key)
             if names is None or len(names) != len(subflows):
-                raise ValueError(f"flow {flow!r}: guidelines has {len(subflows)} subflows, ontology {names}")
+                raise RetrievalError(f"flow {flow!r}: guidelines has {len(subflows)} subflows, ontology {names}")
             keys = list(names)
         for (title, sub), key in zip(subflows, keys):
             lines = [

@@ -27,6 +27,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from chatbot.errors import RetrievalError
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,14 @@ class BM25Index:
         analyzer: texts -> terms, used for ``texts`` and for queries (default :func:`bm25_terms`).
 
     Raises:
-        ValueError: ``ids`` and ``texts`` differ in length.
+        RetrievalError: ``ids`` and ``texts`` differ in length.
     """
 
     def __init__(self, ids: Sequence[int], texts: Sequence[str], analyzer: Analyzer = bm25_terms) -> None:
         import bm25s
 
         if len(ids) != len(texts):
-            raise ValueError(f"ids and texts differ in length: {len(ids)} vs {len(texts)}")
+            raise RetrievalError(f"ids and texts differ in length: {len(ids)} vs {len(texts)}")
         self._ids = np.asarray(ids, dtype=np.int64)
         self._analyzer = analyzer
         self._bm25 = None
@@ -113,7 +114,7 @@ class BM25Index:
         """Best ``k`` ``(id, bm25 score)`` pairs, best first; only documents sharing a term with the query.
 
         Raises:
-            ValueError: ``k < 1``.
+            RetrievalError: ``k < 1``.
         """
         return self.search_batch([query], k)[0]
 
@@ -124,10 +125,10 @@ class BM25Index:
             One list per query, of at most ``min(k, len(self))`` pairs with score > 0, no duplicate ids.
 
         Raises:
-            ValueError: ``k < 1``.
+            RetrievalError: ``k < 1``.
         """
         if k < 1:
-            raise ValueError(f"top_k must be >= 1, got {k}")
+            raise RetrievalError(f"top_k must be >= 1, got {k}")
         if self._bm25 is None or len(queries) == 0:
             return [[] for _ in queries]
         k = min(k, len(self._ids))

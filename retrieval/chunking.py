@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from chatbot.errors import RetrievalError
 from retrieval.documents import Chunk, Document, content_id
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -223,12 +224,12 @@ def chunk_document(
         content and heading path, so unchanged text keeps its id across re-ingests.
 
     Raises:
-        ValueError: ``chunk_tokens < 16`` or ``overlap_tokens >= chunk_tokens``.
+        RetrievalError: ``chunk_tokens < 16`` or ``overlap_tokens >= chunk_tokens``.
     """
     if chunk_tokens < 16:
-        raise ValueError(f"chunk_tokens must be >= 16, got {chunk_tokens}")
+        raise RetrievalError(f"chunk_tokens must be >= 16, got {chunk_tokens}")
     if not 0 <= overlap_tokens < chunk_tokens:
-        raise ValueError(f"overlap_tokens must be in [0, chunk_tokens), got {overlap_tokens}")
+        raise RetrievalError(f"overlap_tokens must be in [0, chunk_tokens), got {overlap_tokens}")
     texts: list[tuple[list[str], str]] = []
     cur: list[str] = []
     cur_headings: list[str] = []

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+from chatbot.errors import RetrievalError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class Embedder:
 
     def __init__(self, model: str, device: str | None = None, batch_size: int = 64, name: str | None = None) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise RetrievalError(f"batch_size must be >= 1, got {batch_size}")
         self.model_name = model
         self.name = name or model
         self.device = device

@@ -38,7 +38,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatbot.errors import RetrievalError, RetrievalIndexError
 from retrieval.documents import Document
+from retrieval.ingest import ingest_documents
+from retrieval.retriever import Retriever, SearchOptions
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +78,14 @@ class EvalSet:
 # --- metrics
 def _check_k(k: int) -> None:
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise RetrievalError(f"k must be >= 1, got {k}")
 
 
 def recall_at_k(ranked: Sequence[str], gold: set[str] | frozenset[str], k: int) -> float:
     """Fraction of ``gold`` among the first ``k`` of ``ranked``; 0.0 for an empty gold set.
 
     Raises:
-        ValueError: ``k < 1``.
+        RetrievalError: ``k < 1``.
     """
     _check_k(k)
     if not gold:
@@ -94,7 +97,7 @@ def hit_at_k(ranked: Sequence[str], gold: set[str] | frozenset[str], k: int) -> 
     """1.0 when any of ``gold`` is among the first ``k`` of ``ranked``, else 0.0.
 
     Raises:
-        ValueError: ``k < 1``.
+        RetrievalError: ``k < 1``.
     """
     _check_k(k)
     return 1.0 if gold.intersection(ranked[:k]) else 0.0
@@ -122,10 +125,10 @@ def score_rankings(
         ``{"recall@1": .., "hit@1": .., ..., "mrr": .., "queries": n}``; zeros for no queries.
 
     Raises:
-        ValueError: lengths differ or a k < 1.
+        RetrievalError: lengths differ or a k < 1.
     """
     if len(rankings) != len(golds):
-        raise ValueError(f"rankings and golds differ in length: {len(rankings)} vs {len(golds)}")
+        raise RetrievalError(f"rankings and golds differ in length: {len(rankings)} vs {len(golds)}")
     for k in ks:
         _check_k(k)
     n = len(rankings)
@@ -160,17 +163,17 @@ def load_dstc11_track5(
         context_turns: earlier turns appended when ``with_context`` (>= 1).
 
     Raises:
-        FileNotFoundError: a file is missing.
-        ValueError: logs and labels differ in length, or ``context_turns < 1``.
+        DocumentNotFoundError: a file is missing.
+        RetrievalError: logs and labels differ in length, or ``context_turns < 1``.
     """
     root = Path(root) if root else DEFAULT_DATA_ROOT / "dstc11_track5"
     if context_turns < 1:
-        raise ValueError(f"context_turns must be >= 1, got {context_turns}")
+        raise RetrievalError(f"context_turns must be >= 1, got {context_turns}")
     knowledge = json.loads((root / "knowledge.json").read_text(encoding="utf-8"))
     logs = json.loads((root / "val" / "logs.json").read_text(encoding="utf-8"))
     labels = json.loads((root / "val" / "labels.json").read_text(encoding="utf-8"))
     if len(logs) != len(labels):
-        raise ValueError(f"val/logs.json has {len(logs)} instances but val/labels.json {len(labels)}")
+        raise RetrievalError(f"val/logs.json has {len(logs)} instances but val/labels.json {len(labels)}")
     docs: list[Document] = []
     for domain, entities in knowledge.items():
         for entity_id, ent in entities.items():
@@ -209,8 +212,8 @@ def load_jsonl(path: Path) -> EvalSet:
     Blank lines are ignored.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: a line is not JSON or lacks a non-empty ``query``/``gold``; the message names the line.
+        DocumentNotFoundError: no such file.
+        RetrievalError: a line is not JSON or lacks a non-empty ``query``/``gold``; the message names the line.
     """
     path = Path(path)
     queries: list[EvalQuery] = []
@@ -221,14 +224,14 @@ def load_jsonl(path: Path) -> EvalSet:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from exc
+                raise RetrievalError(f"{path}:{n}: not JSON ({exc.msg})") from exc
             q, gold = (row.get("query"), row.get("gold")) if isinstance(row, dict) else (None, None)
             if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"{path}:{n}: 'query' must be a non-empty string, got {q!r}")
+                raise RetrievalError(f"{path}:{n}: 'query' must be a non-empty string, got {q!r}")
             if isinstance(gold, str):
                 gold = [gold]
             if not isinstance(gold, list) or not gold:
-                raise ValueError(f"{path}:{n}: 'gold' must be a non-empty list of doc ids, got {gold!r}")
+                raise RetrievalError(f"{path}:{n}: 'gold' must be a non-empty list of doc ids, got {gold!r}")
             queries.append(EvalQuery(str(row.get("id", n)), q, frozenset(str(g) for g in gold)))
     return EvalSet(path.stem, queries, None, {"path": str(path)})
 
@@ -270,12 +273,12 @@ def evaluate(
         ``{mode: {"recall@1": .., ..., "mrr": .., "queries": n, "ms_per_query": ..}}``.
 
     Raises:
-        ValueError: ``batch_size < 1``, a bad k or an unknown mode.
+        RetrievalError: ``batch_size < 1``, a bad k or an unknown mode.
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise RetrievalError(f"batch_size must be >= 1, got {batch_size}")
     depth = max(ks)
     results: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
@@ -316,8 +319,10 @@ def run_eval(
     evalset: EvalSet,
     embedder,
     index_dir: Path,
-    settings=None,
+    options: SearchOptions | None = None,
     modes: Sequence[str] = ("dense", "bm25", "hybrid"),
+    chunk_tokens: int = 200,
+    chunk_overlap: int = 32,
     ks: Sequence[int] = DEFAULT_KS,
     show_progress: bool = False,
 ) -> dict:
@@ -328,9 +333,9 @@ def run_eval(
         embedder: a :class:`~retrieval.embedder.Embedder`.
         index_dir: index folder for the corpus (mirrors it: other documents are removed),
             or the existing index to search when the set has no corpus.
-        settings: :class:`chatbot.config.Settings` for chunking, index and fusion options
-            (default ``Settings()``).
+        options: fusion and index options (:class:`retrieval.retriever.SearchOptions`; None: its defaults).
         modes, ks, show_progress: as :func:`evaluate`.
+        chunk_tokens, chunk_overlap: chunk size and overlap in embedder tokens for the corpus.
 
     Returns:
         A JSON-ready dict: dataset, info, index version and kind, embedder, options, and
@@ -339,24 +344,18 @@ def run_eval(
     Raises:
         RetrievalIndexError: nothing is indexed at ``index_dir``.
     """
-    from chatbot.config import Settings
-    from chatbot.errors import RetrievalIndexError
-    from retrieval.index import IndexOptions
-    from retrieval.ingest import ingest_documents
-    from retrieval.retriever import Retriever
-
-    settings = settings or Settings()
+    options = options or SearchOptions()
     t0 = time.perf_counter()
     ingest_info = None
     if evalset.documents is not None:
         report = ingest_documents(
-            evalset.documents, index_dir, embedder, settings.chunk_tokens, settings.chunk_overlap,
-            sync=True, roots=None, show_progress=show_progress, index_options=IndexOptions.from_settings(settings),
+            evalset.documents, index_dir, embedder, chunk_tokens, chunk_overlap,
+            sync=True, roots=None, show_progress=show_progress, index_options=options.index,
         )
         ingest_info = {"summary": report.summary(), "chunks": report.chunks_total, "embedded": report.chunks_embedded,
                        "seconds": round(time.perf_counter() - t0, 2)}
         log.info("%s", report.summary())
-    retriever = Retriever(index_dir, embedder, settings)
+    retriever = Retriever(index_dir, embedder, options)
     version = retriever.refresh()
     if version is None or len(version.index) == 0:
         raise RetrievalIndexError(f"no documents indexed at {index_dir}; ingest a corpus first (or pass --docs)")
@@ -370,8 +369,8 @@ def run_eval(
         "index": version.index.describe(),
         "chunks": len(version.index),
         "embedder": embedder.name,
-        "options": {"rrf_k": settings.rrf_k, "hybrid_candidates": settings.hybrid_candidates,
-                    "chunk_tokens": settings.chunk_tokens, "chunk_overlap": settings.chunk_overlap},
+        "options": {"rrf_k": options.rrf_k, "hybrid_candidates": options.hybrid_candidates,
+                    "chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap},
         "ingest": ingest_info,
         "ks": list(ks),
         "results": results,

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from chatbot.errors import ConfigError, RetrievalIndexError
+from chatbot.errors import ConfigError, RetrievalError, RetrievalIndexError
 from retrieval.documents import Chunk
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class IndexOptions:
         device: ``auto`` (GPU when faiss-gpu sees one), ``cpu`` or ``gpu`` (fail when there is none).
 
     Raises:
-        ValueError: a field is out of range; the message names it and the value.
+        RetrievalError: a field is out of range; the message names it and the value.
     """
 
     ann_threshold: int = 50_000
@@ -77,26 +77,15 @@ class IndexOptions:
 
     def __post_init__(self) -> None:
         if self.ann_threshold < 0:
-            raise ValueError(f"ann_threshold must be >= 0, got {self.ann_threshold}")
+            raise RetrievalError(f"ann_threshold must be >= 0, got {self.ann_threshold}")
         if self.hnsw_m < 4:
-            raise ValueError(f"hnsw_m must be >= 4, got {self.hnsw_m}")
+            raise RetrievalError(f"hnsw_m must be >= 4, got {self.hnsw_m}")
         if self.hnsw_ef_construction < 8:
-            raise ValueError(f"hnsw_ef_construction must be >= 8, got {self.hnsw_ef_construction}")
+            raise RetrievalError(f"hnsw_ef_construction must be >= 8, got {self.hnsw_ef_construction}")
         if self.hnsw_ef_search < 1:
-            raise ValueError(f"hnsw_ef_search must be >= 1, got {self.hnsw_ef_search}")
+            raise RetrievalError(f"hnsw_ef_search must be >= 1, got {self.hnsw_ef_search}")
         if self.device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"index_device must be one of auto, cpu, gpu, got {self.device!r}")
-
-    @classmethod
-    def from_settings(cls, settings) -> "IndexOptions":
-        """Options from a :class:`chatbot.config.Settings`."""
-        return cls(
-            ann_threshold=settings.ann_threshold,
-            hnsw_m=settings.hnsw_m,
-            hnsw_ef_construction=settings.hnsw_ef_construction,
-            hnsw_ef_search=settings.hnsw_ef_search,
-            device=settings.index_device,
-        )
+            raise RetrievalError(f"index_device must be one of auto, cpu, gpu, got {self.device!r}")
 
 
 def gpu_count() -> int:
@@ -137,7 +126,7 @@ class VectorIndex:
         hnsw_m, ef_construction, ef_search: HNSW parameters (ignored for flat).
 
     Raises:
-        ValueError: ``dim < 1`` or an unknown ``kind``.
+        RetrievalError: ``dim < 1`` or an unknown ``kind``.
     """
 
     def __init__(
@@ -152,9 +141,9 @@ class VectorIndex:
         import faiss
 
         if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
+            raise RetrievalError(f"dim must be >= 1, got {dim}")
         if kind not in ("flat", "hnsw"):
-            raise ValueError(f"kind must be 'flat' or 'hnsw', got {kind!r}")
+            raise RetrievalError(f"kind must be 'flat' or 'hnsw', got {kind!r}")
         self.dim = dim
         self.kind: IndexKind = kind
         self.hnsw_m = hnsw_m
@@ -186,7 +175,7 @@ class VectorIndex:
         ``options.ann_threshold`` vectors, HNSW above.
 
         Raises:
-            ValueError: see :meth:`add`.
+            RetrievalError: see :meth:`add`.
         """
         options = options or IndexOptions()
         kind: IndexKind = "hnsw" if len(ids) > options.ann_threshold else "flat"
@@ -220,24 +209,24 @@ class VectorIndex:
         """Add ``vectors`` (n, dim) under ``ids`` (n,) int64; vectors are stored L2-normalised.
 
         Raises:
-            ValueError: shapes disagree, a vector is not finite, or an id is negative or already present.
+            RetrievalError: shapes disagree, a vector is not finite, or an id is negative or already present.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"vectors must have shape (n, {self.dim}), got {vectors.shape}")
+            raise RetrievalError(f"vectors must have shape (n, {self.dim}), got {vectors.shape}")
         if not np.isfinite(vectors).all():
-            raise ValueError("vectors must be finite (found NaN or inf)")
+            raise RetrievalError("vectors must be finite (found NaN or inf)")
         vectors = _normalized(vectors)
         if len(ids) != len(vectors):
-            raise ValueError(f"ids and vectors differ in length: {len(ids)} vs {len(vectors)}")
+            raise RetrievalError(f"ids and vectors differ in length: {len(ids)} vs {len(vectors)}")
         if (ids < 0).any():
-            raise ValueError(f"ids must be >= 0, got {int(ids[ids < 0][0])}")
+            raise RetrievalError(f"ids must be >= 0, got {int(ids[ids < 0][0])}")
         if len(np.unique(ids)) != len(ids):
-            raise ValueError("ids must be unique")
+            raise RetrievalError("ids must be unique")
         present = self.contains(ids)
         if present.any():
-            raise ValueError(f"id {int(ids[present][0])} is already in the index")
+            raise RetrievalError(f"id {int(ids[present][0])} is already in the index")
         if len(ids):
             self._index.add_with_ids(vectors, ids)
             self._invalidate_gpu()
@@ -318,12 +307,12 @@ class VectorIndex:
         """Change HNSW ``efSearch`` (no effect on a flat index).
 
         Raises:
-            ValueError: ``ef_search < 1``.
+            RetrievalError: ``ef_search < 1``.
         """
         import faiss
 
         if ef_search < 1:
-            raise ValueError(f"hnsw_ef_search must be >= 1, got {ef_search}")
+            raise RetrievalError(f"hnsw_ef_search must be >= 1, got {ef_search}")
         self.ef_search = ef_search
         if self.kind == "hnsw":
             faiss.downcast_index(self._index.index).hnsw.efSearch = ef_search
@@ -338,12 +327,12 @@ class VectorIndex:
 
         Raises:
             ConfigError: ``device="gpu"`` but FAISS has no GPU support or sees no GPU.
-            ValueError: unknown ``device``.
+            RetrievalError: unknown ``device``.
         """
         import faiss
 
         if device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"index_device must be one of auto, cpu, gpu, got {device!r}")
+            raise RetrievalError(f"index_device must be one of auto, cpu, gpu, got {device!r}")
         with self._gpu_lock:
             self._gpu_index = None
             self._device = "cpu"
@@ -383,13 +372,13 @@ class VectorIndex:
             first; never id -1 and no duplicate within a row.
 
         Raises:
-            ValueError: ``k < 1`` or a bad query shape.
+            RetrievalError: ``k < 1`` or a bad query shape.
         """
         if k < 1:
-            raise ValueError(f"top_k must be >= 1, got {k}")
+            raise RetrievalError(f"top_k must be >= 1, got {k}")
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must have shape (q, {self.dim}), got {queries.shape}")
+            raise RetrievalError(f"queries must have shape (q, {self.dim}), got {queries.shape}")
         queries = _normalized(queries)
         k = min(k, len(self))
         if k == 0 or len(queries) == 0:

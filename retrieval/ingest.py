@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chatbot.errors import RetrievalError
 from retrieval.chunking import CHUNKER_VERSION, chunk_document
 from retrieval.documents import Chunk, Document
 from retrieval.embedder import Embedder
@@ -97,9 +98,9 @@ def ingest(
         index_options: index kind thresholds and HNSW parameters (default :class:`IndexOptions`).
 
     Raises:
-        FileNotFoundError: a named path does not exist.
+        DocumentNotFoundError: a named path does not exist.
         RetrievalIndexError: the current version is unreadable.
-        ValueError: the current version was built with another embedder or chunking, or
+        RetrievalError: the current version was built with another embedder or chunking, or
             ``chunk_tokens`` exceeds what the embedder reads.
     """
     paths = [Path(p) for p in paths]
@@ -171,7 +172,7 @@ def ingest_documents(
 
     Raises:
         RetrievalIndexError: the current version is unreadable.
-        ValueError: duplicate doc ids, another embedder or chunking than the current
+        RetrievalError: duplicate doc ids, another embedder or chunking than the current
             version, or ``chunk_tokens`` beyond what the embedder reads.
     """
     docs = list(docs)
@@ -187,11 +188,11 @@ def ingest_documents(
         checked = True
         limit = embedder.max_seq_length - 2  # [CLS] and [SEP]
         if chunk_tokens > limit:
-            raise ValueError(
+            raise RetrievalError(
                 f"chunk_tokens must be <= {limit} (the embedder reads {limit + 2} tokens), got {chunk_tokens}"
             )
         if current is not None and current.manifest.get("dim") != embedder.dim:
-            raise ValueError(
+            raise RetrievalError(
                 f"index {current.version} has {current.manifest.get('dim')}-dim vectors, embedder "
                 f"{embedder.name!r} gives {embedder.dim}: ingest into a new index_dir"
             )
@@ -199,7 +200,7 @@ def ingest_documents(
     ids_seen: set[str] = set()
     for doc in docs:
         if doc.doc_id in ids_seen:
-            raise ValueError(f"doc_id must be unique, got {doc.doc_id!r} twice")
+            raise RetrievalError(f"doc_id must be unique, got {doc.doc_id!r} twice")
         ids_seen.add(doc.doc_id)
     current = load_version(index_dir)
     chunking = {"chunk_tokens": chunk_tokens, "overlap_tokens": overlap_tokens, "method": "heading-aware"}
@@ -208,12 +209,12 @@ def ingest_documents(
     if current is not None:
         m = current.manifest
         if m.get("embedder") != embedder.name:
-            raise ValueError(
+            raise RetrievalError(
                 f"index {current.version} was built with embedder {m.get('embedder')!r}; "
                 f"got {embedder.name!r}: ingest into a new index_dir"
             )
         if m.get("chunking") != chunking:
-            raise ValueError(f"index {current.version} used chunking {m.get('chunking')}, got {chunking}")
+            raise RetrievalError(f"index {current.version} used chunking {m.get('chunking')}, got {chunking}")
         old_docs = dict(m.get("documents", {}))
         old_chunks = current.chunks
 

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbot.errors import DocumentNotFoundError, RetrievalError
 from retrieval.documents import Document
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,11 @@ class Skipped:
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
-        raise ValueError("binary file (NUL bytes)")
+        raise RetrievalError("binary file (NUL bytes)")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise RetrievalError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def _split_front_matter(text: str) -> tuple[dict, str]:
@@ -122,14 +123,14 @@ def load_text(path: Path, doc_id: str) -> Document:
 
 @contextmanager
 def _parsing(kind: str):
-    """Turn any parser failure into ``ValueError("unreadable <kind> file: ...")`` (one line)."""
+    """Turn any parser failure into ``RetrievalError("unreadable <kind> file: ...")`` (one line)."""
     try:
         yield
     except ValueError:
         raise
     except Exception as exc:  # parsers raise their own types (PdfReadError, BadZipFile, KeyError, ...)
         msg = " ".join(str(exc).split()) or type(exc).__name__
-        raise ValueError(f"unreadable {kind} file ({type(exc).__name__}: {msg[:200]})") from exc
+        raise RetrievalError(f"unreadable {kind} file ({type(exc).__name__}: {msg[:200]})") from exc
 
 
 def _tidy_markdown(text: str) -> str:
@@ -145,11 +146,11 @@ def load_html(path: Path, doc_id: str) -> Document:
     """Read an HTML page as Markdown (headings as ``#`` lines); see the module notes.
 
     Raises:
-        ValueError: binary content or a page that cannot be parsed.
+        RetrievalError: binary content or a page that cannot be parsed.
     """
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
-        raise ValueError("binary file (NUL bytes)")
+        raise RetrievalError("binary file (NUL bytes)")
     with _parsing("HTML"):
         from bs4 import BeautifulSoup
 
@@ -194,20 +195,20 @@ def load_pdf(path: Path, doc_id: str) -> Document:
     """Read the text layer of a PDF (pages joined by blank lines); title from its metadata.
 
     Raises:
-        ValueError: corrupt or encrypted PDF, or one without extractable text.
+        RetrievalError: corrupt or encrypted PDF, or one without extractable text.
     """
     with _parsing("PDF"):
         from pypdf import PdfReader
 
         reader = PdfReader(str(path))
         if reader.is_encrypted and not reader.decrypt(""):
-            raise ValueError("encrypted PDF (password needed)")
+            raise RetrievalError("encrypted PDF (password needed)")
         pages = [(page.extract_text() or "").strip() for page in reader.pages]
         meta = reader.metadata
         title = str(meta.title).strip() if meta is not None and meta.title else ""
     text = "\n\n".join(p for p in pages if p)
     if not text.strip():
-        raise ValueError(f"PDF has no extractable text ({len(pages)} pages; scanned images?)")
+        raise RetrievalError(f"PDF has no extractable text ({len(pages)} pages; scanned images?)")
     return Document(
         doc_id=doc_id,
         title=title or path.stem.replace("_", " ").replace("-", " "),
@@ -259,7 +260,7 @@ def load_docx(path: Path, doc_id: str) -> Document:
     """Read a Word ``.docx`` as Markdown: heading styles become ``#`` headings, tables Markdown tables.
 
     Raises:
-        ValueError: not a readable DOCX package.
+        RetrievalError: not a readable DOCX package.
     """
     with _parsing("DOCX"):
         import docx
@@ -316,7 +317,7 @@ def iter_files(paths: Iterable[Path]) -> Iterator[tuple[Path, Path]]:
         elif p.is_file():
             yield p, p.parent
         else:
-            raise FileNotFoundError(f"path does not exist: {p}")
+            raise DocumentNotFoundError(f"path does not exist: {p}")
 
 
 def load_paths(paths: Iterable[Path], show_progress: bool = False) -> tuple[list[Document], list[Skipped]]:
@@ -333,7 +334,7 @@ def load_paths(paths: Iterable[Path], show_progress: bool = False) -> tuple[list
         (documents, skipped files with one-line reasons)
 
     Raises:
-        FileNotFoundError: a named path does not exist.
+        DocumentNotFoundError: a named path does not exist.
     """
     from tqdm.auto import tqdm
 

@@ -32,21 +32,45 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from chatbot.errors import RetrievalIndexError
+from chatbot.errors import RetrievalError, RetrievalIndexError
 from retrieval.documents import Hit
 from retrieval.embedder import Embedder
 from retrieval.index import IndexOptions, IndexVersion, current_version_name, load_version
 
-if TYPE_CHECKING:
-    from chatbot.config import Settings
-
 log = logging.getLogger(__name__)
 
 MODES = ("dense", "bm25", "hybrid")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a :class:`Retriever` searches (built from ``Settings`` by :func:`chatbot.options.search_options`).
+
+    Attributes:
+        mode: default search, ``"dense"`` (cosine), ``"bm25"`` (lexical) or ``"hybrid"`` (reciprocal rank fusion).
+        rrf_k: reciprocal rank fusion constant, score = sum 1 / (rrf_k + rank) (Cormack et al., SIGIR 2009); >= 1.
+        hybrid_candidates: hits taken from each of dense and BM25 before fusion; >= 1.
+        index: how vector indexes are searched (efSearch, device).
+
+    Raises:
+        RetrievalError: a field is out of range; the message names it and the value.
+    """
+
+    mode: str = "dense"
+    rrf_k: int = 60
+    hybrid_candidates: int = 50
+    index: IndexOptions = field(default_factory=IndexOptions)
+
+    def __post_init__(self) -> None:
+        _check_mode(self.mode)
+        if self.rrf_k < 1:
+            raise RetrievalError(f"rrf_k must be >= 1, got {self.rrf_k}")
+        if self.hybrid_candidates < 1:
+            raise RetrievalError(f"hybrid_candidates must be >= 1, got {self.hybrid_candidates}")
 
 
 class Retriever:
@@ -63,29 +87,17 @@ class Retriever:
     Args:
         index_dir: the index directory written by :func:`retrieval.ingest.ingest`.
         embedder: the embedder the index was built with.
-        settings: where ``retrieval_mode``, ``rrf_k``, ``hybrid_candidates`` and the
-            index options (efSearch, device) come from; None reads ``Settings()``
-            (environment and ``CHATBOT_CONFIG``).
-
-    Raises:
-        ValueError: a retrieval setting is out of range (the message names it).
+        options: default mode, fusion and index options (:class:`SearchOptions`); None: its defaults.
     """
 
-    def __init__(self, index_dir: Path, embedder: Embedder, settings: "Settings | None" = None) -> None:
-        if settings is None:
-            from chatbot.config import Settings
-
-            settings = Settings()
+    def __init__(self, index_dir: Path, embedder: Embedder, options: SearchOptions | None = None) -> None:
+        options = options or SearchOptions()
         self.index_dir = Path(index_dir)
         self.embedder = embedder
-        self.mode = _check_mode(settings.retrieval_mode)
-        self.rrf_k = settings.rrf_k
-        self.candidates = settings.hybrid_candidates
-        if self.rrf_k < 1:
-            raise ValueError(f"rrf_k must be >= 1, got {self.rrf_k}")
-        if self.candidates < 1:
-            raise ValueError(f"hybrid_candidates must be >= 1, got {self.candidates}")
-        self.index_options = IndexOptions.from_settings(settings)
+        self.mode = options.mode
+        self.rrf_k = options.rrf_k
+        self.candidates = options.hybrid_candidates
+        self.index_options = options.index
         self._version: IndexVersion | None = None
         self._failed: str | None = None
         self._lock = threading.Lock()
@@ -145,7 +157,7 @@ class Retriever:
             Hits with distinct chunk ids and ranks 1..n; empty for an empty index.
 
         Raises:
-            ValueError: ``top_k < 1`` or an unknown ``mode``.
+            RetrievalError (a ValueError): ``top_k < 1`` or an unknown ``mode``.
             RetrievalIndexError: the published index is unreadable.
         """
         return self.search_batch([query], top_k, min_score, mode)[0]
@@ -168,10 +180,10 @@ class Retriever:
             One hit list per query, in the order given.
 
         Raises:
-            ValueError: ``top_k < 1``, an unknown ``mode`` or ``query_vectors`` of the wrong shape.
+            RetrievalError (a ValueError): ``top_k < 1``, an unknown ``mode`` or ``query_vectors`` of the wrong shape.
         """
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise RetrievalError(f"top_k must be >= 1, got {top_k}")
         mode = _check_mode(mode or self.mode)
         queries = list(queries)
         v = self.refresh()
@@ -182,7 +194,7 @@ class Retriever:
         else:
             qvecs = np.asarray(query_vectors, dtype=np.float32)
             if qvecs.shape != (len(queries), v.index.dim):
-                raise ValueError(
+                raise RetrievalError(
                     f"query_vectors must have shape ({len(queries)}, {v.index.dim}), got {qvecs.shape}"
                 )
             qvecs = qvecs / np.maximum(np.linalg.norm(qvecs, axis=1, keepdims=True), 1e-12)
@@ -242,5 +254,5 @@ class Retriever:
 
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"retrieval_mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise RetrievalError(f"retrieval_mode must be one of {', '.join(MODES)}, got {mode!r}")
     return mode

@@ -23,6 +23,7 @@ def _served(tmp_path, embedder, **settings):
     and an app on a scripted engine that searches them."""
     from chatbot.api import create_app
     from chatbot.config import Settings
+    from chatbot.options import search_options
     from chatbot.service import Assistant
     from chatbot.store import Store
     from retrieval.retriever import Retriever
@@ -36,7 +37,7 @@ def _served(tmp_path, embedder, **settings):
     uploads = s.data_dir / "uploads"
     ops.save_uploads([picked / "gift_cards.md", picked / "store_hours.md"], uploads)
     assert ops.reindex(s, embedder, [uploads], lambda p, m: None)["published"]
-    a = Assistant(s, ScriptedEngine("Gift cards never expire [1]."), Retriever(s.index_dir, embedder, s),
+    a = Assistant(s, ScriptedEngine("Gift cards never expire [1]."), Retriever(s.index_dir, embedder, search_options(s)),
                   Store(s.resolved_database_url))
     return create_app(s, assistant=a, mount_ui=False), uploads
 

@@ -36,6 +36,7 @@ def index_dir(tmp_path_factory, embedder):
 
 def make(tmp_path, index_dir, embedder, reply: str, **settings) -> Assistant:
     from chatbot.config import Settings
+    from chatbot.options import search_options
     from chatbot.store import Store
     from retrieval.retriever import Retriever
 
@@ -43,7 +44,7 @@ def make(tmp_path, index_dir, embedder, reply: str, **settings) -> Assistant:
     settings.setdefault("extractive_max_units", 1)
     s = Settings(data_dir=tmp_path / "var", routing=False, answer_mode=settings.pop("answer_mode", "verified"),
                  **settings)
-    return Assistant(s, ScriptedEngine(reply), Retriever(index_dir, embedder, s), Store(s.resolved_database_url))
+    return Assistant(s, ScriptedEngine(reply), Retriever(index_dir, embedder, search_options(s)), Store(s.resolved_database_url))
 
 
 def run(a: Assistant, text: str, cid: str | None = None):

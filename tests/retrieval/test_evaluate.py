@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from chatbot.options import search_options
 from retrieval.evaluate import (
     EvalQuery,
     format_table,
@@ -125,7 +126,7 @@ def test_load_dstc11_track5_format(tmp_path):
 def test_run_eval_end_to_end(tmp_path, embedder, settings_base):
     root = _tiny_dstc(tmp_path / "dstc11_track5")
     es = load_dstc11_track5(root, with_context=True)
-    out = run_eval(es, embedder, tmp_path / "index", settings_base, ks=(1, 5))
+    out = run_eval(es, embedder, tmp_path / "index", search_options(settings_base), ks=(1, 5))
     assert out["queries"] == 2 and out["chunks"] == 6 and set(out["results"]) == {"dense", "bm25", "hybrid"}
     dense = out["results"]["dense"]
     assert dense["recall@5"] == 1.0 and dense["hit@5"] == 1.0 and 0.5 <= dense["mrr"] <= 1.0
@@ -134,7 +135,7 @@ def test_run_eval_end_to_end(tmp_path, embedder, settings_base):
     table = format_table(out["results"], ks=(1, 5))
     assert table.splitlines()[0].split() == ["mode", "recall@1", "recall@5", "hit@1", "hit@5", "mrr", "ms/query"]
     assert len(table.splitlines()) == 5
-    again = run_eval(es, embedder, tmp_path / "index", settings_base, ks=(1, 5))
+    again = run_eval(es, embedder, tmp_path / "index", search_options(settings_base), ks=(1, 5))
     assert again["ingest"]["embedded"] == 0 and again["index_version"] == out["index_version"]  # idempotent
 
 

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from chatbot.config import Settings
+from chatbot.options import search_options
 from chatbot.errors import RetrievalIndexError
 from retrieval.bm25 import BM25Index
 from retrieval.documents import Document
@@ -37,7 +38,7 @@ def index_dir(tmp_path, embedder):
 
 @pytest.fixture
 def retriever(index_dir, embedder, tmp_path):
-    return Retriever(index_dir, embedder, _settings(tmp_path))
+    return Retriever(index_dir, embedder, search_options(_settings(tmp_path)))
 
 
 def test_dense_search_finds_the_paraphrase(retriever):
@@ -77,7 +78,7 @@ def test_top_k_larger_than_collection_and_no_duplicates(tmp_path, embedder):
     docs = [Document("a", "A", "a", "Returns are free.", format="text"),
             Document("b", "B", "b", "Shipping is free over fifty euros.", format="text")]
     ingest_documents(docs, tmp_path / "index", embedder, 64, 8)
-    r = Retriever(tmp_path / "index", embedder, _settings(tmp_path))
+    r = Retriever(tmp_path / "index", embedder, search_options(_settings(tmp_path)))
     for mode in ("dense", "bm25", "hybrid"):
         hits = r.search("free returns", top_k=5, mode=mode)
         ids = [h.chunk_id for h in hits]
@@ -86,12 +87,12 @@ def test_top_k_larger_than_collection_and_no_duplicates(tmp_path, embedder):
 
 
 def test_empty_index_returns_nothing(tmp_path, embedder):
-    r = Retriever(tmp_path / "nothing", embedder, _settings(tmp_path))
+    r = Retriever(tmp_path / "nothing", embedder, search_options(_settings(tmp_path)))
     assert r.search("anything") == [] and r.version is None
     ingest_documents([], tmp_path / "empty", embedder, 64, 8, sync=True)
     ingest_documents([Document("a", "A", "a", "x y z", format="text")], tmp_path / "empty", embedder, 64, 8)
     ingest_documents([], tmp_path / "empty", embedder, 64, 8, sync=True)  # everything removed again
-    r2 = Retriever(tmp_path / "empty", embedder, _settings(tmp_path))
+    r2 = Retriever(tmp_path / "empty", embedder, search_options(_settings(tmp_path)))
     assert r2.version is not None
     for mode in ("dense", "bm25", "hybrid"):
         assert r2.search("x y z", top_k=3, mode=mode) == []
@@ -109,11 +110,11 @@ def test_min_score_is_a_cosine_threshold_in_every_mode(retriever):
 
 
 def test_default_mode_from_settings_and_positional_signature(index_dir, embedder, tmp_path):
-    r = Retriever(index_dir, embedder, _settings(tmp_path, retrieval_mode="bm25"))
+    r = Retriever(index_dir, embedder, search_options(_settings(tmp_path, retrieval_mode="bm25")))
     assert r.mode == "bm25"
     hits = r.search("ZX-9042", 2, 0.0)  # the service's call: (query, top_k, min_score)
     assert [h.mode for h in hits] == ["bm25"]
-    assert Retriever(index_dir, embedder, _settings(tmp_path)).mode == Settings().retrieval_mode
+    assert Retriever(index_dir, embedder, search_options(_settings(tmp_path))).mode == Settings().retrieval_mode
     with pytest.raises(ValidationError, match="retrieval_mode"):
         _settings(tmp_path, retrieval_mode="sparse")
 
@@ -126,7 +127,7 @@ def test_bad_arguments_name_the_value(retriever):
 
 
 def test_hot_reload_follows_new_versions_and_ignores_broken_ones(index_dir, embedder, tmp_path, caplog):
-    r = Retriever(index_dir, embedder, _settings(tmp_path))
+    r = Retriever(index_dir, embedder, search_options(_settings(tmp_path)))
     v1 = r.version
     assert r.search("loyalty points", top_k=1, mode="bm25") == []
     (index_dir / "versions" / ".tmp-v9999999999999").mkdir()  # a half-written version is never read
@@ -143,11 +144,11 @@ def test_hot_reload_follows_new_versions_and_ignores_broken_ones(index_dir, embe
         assert r.search("loyalty points", top_k=1, mode="bm25")[0].doc_id == "loyalty"
     assert r._version.version == v2 and "failed to load" in caplog.text
     with pytest.raises(RetrievalIndexError, match="v0000000000001"):
-        Retriever(index_dir, embedder, _settings(tmp_path)).search("x")
+        Retriever(index_dir, embedder, search_options(_settings(tmp_path))).search("x")
 
 
 def test_searches_keep_the_old_version_while_another_thread_loads(index_dir, embedder, tmp_path):
-    r = Retriever(index_dir, embedder, _settings(tmp_path))
+    r = Retriever(index_dir, embedder, search_options(_settings(tmp_path)))
     v1 = r.version
     docs = [Document("only", "Only", "kb/only.md", "Only document left.", format="text")]
     ingest_documents(docs, index_dir, embedder, 64, 8, sync=True)
@@ -184,7 +185,7 @@ def test_chinese_japanese_and_mixed_queries_through_an_ingested_index(tmp_path, 
         *[Document(k, t, f"kb/{k}.md", text, format="text") for k, (t, text) in FACTS.items()],
     ]
     ingest_documents(docs, tmp_path / "index", embedder, 200, 32)
-    r = Retriever(tmp_path / "index", embedder, _settings(tmp_path))
+    r = Retriever(tmp_path / "index", embedder, search_options(_settings(tmp_path)))
     for mode in ("bm25", "hybrid"):
         assert r.search("故乡", 3, mode=mode)[0].doc_id == "poem"
         assert r.search("返品", 3, mode=mode)[0].doc_id == "returns-ja"
