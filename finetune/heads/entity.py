@@ -21,7 +21,7 @@ from finetune.heads.bio import align_tags, bio_labels, spans_from_tags
 from finetune.heads.config import HeadConfig
 from finetune.heads.evaluation import choose_entity_threshold, entity_report
 from finetune.heads.folder import SavedHead
-from finetune.heads.training import finish, start, train_loop
+from finetune.heads.training import finish, require_rows, start, train_loop
 from finetune.heads.types import Slot
 from finetune.intent_data import EntitySplits, label_counts_warnings
 
@@ -141,10 +141,7 @@ class EntityHead(SavedHead):
         from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
         config = config or HeadConfig(max_length=128)
-        if not splits.train or not splits.validation:
-            raise InvalidInputError(
-                f"entity training needs train and validation rows, got {len(splits.train)} and {len(splits.validation)}"
-            )
+        require_rows(splits, "entity")
         types = splits.types
         if not types:
             raise InvalidInputError("entity training split has no entity span")

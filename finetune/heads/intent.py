@@ -22,7 +22,7 @@ from finetune.calibration import choose_threshold, expected_calibration_error, f
 from finetune.heads.config import HeadConfig
 from finetune.heads.evaluation import intent_report
 from finetune.heads.folder import SavedHead
-from finetune.heads.training import finish, start, train_loop
+from finetune.heads.training import finish, require_rows, start, train_loop
 from finetune.heads.types import IntentPrediction
 from finetune.intent_data import IntentSplits, label_counts_warnings
 
@@ -202,10 +202,7 @@ class IntentHead(SavedHead):
         from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
         config = config or HeadConfig()
-        if not splits.train or not splits.validation:
-            raise InvalidInputError(
-                f"intent training needs train and validation rows, got {len(splits.train)} and {len(splits.validation)}"
-            )
+        require_rows(splits, "intent")
         labels = sorted({y for _, y in splits.train})
         if len(labels) < 2:
             raise InvalidInputError(f"intent training needs at least 2 labels, got {labels}")

@@ -22,6 +22,18 @@ from finetune.heads.folder import FORMAT_VERSION, quiet_transformers, weights_sh
 from finetune.intent_data import data_hash
 
 
+def require_rows(splits, kind: str) -> None:
+    """Refuse to train a ``kind`` head without training or validation rows.
+
+    Raises:
+        InvalidInputError: an empty split (both counts named).
+    """
+    if not splits.train or not splits.validation:
+        raise InvalidInputError(
+            f"{kind} training needs train and validation rows, got {len(splits.train)} and {len(splits.validation)}"
+        )
+
+
 def start(config: HeadConfig, auto_cls, labels: list[str], kind: str, fast_tokenizer: bool = False):
     """Seed torch, load the base encoder with a ``len(labels)``-way classification layer and its tokenizer,
     wrap it in LoRA for ``method="lora"``.
