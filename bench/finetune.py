@@ -51,8 +51,10 @@ def run_one(args) -> dict:
     import transformers
     from transformers import TrainerCallback
 
+    from chatbot.config import Settings
+    from finetune.base_model import load_tokenizer, resolve_base_model
     from finetune.data import DataCollator, encode_dialogues, load_dialogues
-    from finetune.sft import SFTConfig, build_trainer, load_model, load_tokenizer, resolve_base_model
+    from finetune.sft import SFTConfig, build_trainer, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +65,7 @@ def run_one(args) -> dict:
                     learning_rate=1e-4 if method == "full" else 2e-4, warmup_ratio=0.0,
                     gradient_checkpointing=args.gradient_checkpointing, precision=args.precision, seed=0)
     transformers.set_seed(0)
-    path = resolve_base_model(cfg.base_model)
+    path = resolve_base_model(cfg.base_model, Settings().cache_dir)
     tok = load_tokenizer(path)
     dialogues, _ = load_dialogues([args.data])
     n = args.batch_size * (args.warmup + args.steps)

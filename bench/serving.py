@@ -247,6 +247,7 @@ def main() -> int:
             finally:
                 stop_server(server)
         elif system == "raw-vllm":
+            from chatbot.adapter_watch import lora_enabled
             from chatbot.assets import resolve_chat_model
             from chatbot.config import Settings
             from chatbot.engines import build_engine
@@ -254,7 +255,7 @@ def main() -> int:
             kw = {"engine": "vllm", "max_model_len": 2048, "data_dir": tmp / "raw"}
             kw.update({k.lower(): v for k, v in overrides.items() if k not in ("MAX_NEW_TOKENS", "MAX_QUEUED")})
             s = Settings(**kw)
-            engine = build_engine(s, resolve_chat_model(s))
+            engine = build_engine(s, resolve_chat_model(s), enable_lora=lora_enabled(s))
 
             async def run_all() -> None:
                 await engine.start()

@@ -265,8 +265,6 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
     async def models() -> dict:
         """The base model, then each registered LoRA adapter (``parent``: the base; ``live``: promoted;
         ``served``: the engine serves it now, as the engine says; ``reason``: why a live one is not served)."""
-        from finetune.adapters import list_adapters
-
         a = app.state.assistant
         await a.adapters.sync(a.engine)  # LIVE.json changed since the last reply: apply it now
         st = a.adapters.status(a.engine)
@@ -274,7 +272,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
         data = [{"id": base, "object": "model", "created": 0, "owned_by": "chatbot", "engine": a.engine.info.name,
                  "served": a.engine.info.adapter_version is None}]
         try:
-            adapters = await asyncio.to_thread(list_adapters, a.settings)
+            adapters = await asyncio.to_thread(a.adapters.registered)
         except ChatbotError as exc:  # a broken registry pointer must not take the model list down
             log.error("cannot list adapters: %s", exc)
             adapters = []
@@ -314,7 +312,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
             "engine": a.engine.info.name,
             "index_version": version,
             "max_model_len": a.engine.info.max_model_len,
-            # {"live", "served", "in_sync", "pending", "reason", "error"} (finetune.adapters.LiveAdapterWatcher)
+            # {"live", "served", "in_sync", "pending", "reason", "error"} (chatbot.adapter_watch.LiveAdapterWatcher)
             "adapter": a.adapters.status(a.engine),
         }
 

@@ -164,8 +164,7 @@ def _write_json(path, obj) -> None:
 
 def cmd_train_intents(args) -> int:
     """Fine-tune an intent head, calibrate it, evaluate it on the test split and save it."""
-    from finetune.head_eval import intent_report
-    from finetune.heads import IntentHead
+    from finetune.heads import IntentHead, intent_report
     from finetune.intent_data import load_intent_splits
 
     allowed = None
@@ -199,8 +198,7 @@ def cmd_train_intents(args) -> int:
 
 def cmd_train_entities(args) -> int:
     """Fine-tune an entity (slot) head from character spans, evaluate on the test split and save it."""
-    from finetune.head_eval import entity_report
-    from finetune.heads import EntityHead
+    from finetune.heads import EntityHead, entity_report
     from finetune.intent_data import load_entity_splits
 
     splits = load_entity_splits(args.dataset, validation=args.validation, test=args.test)
@@ -223,8 +221,7 @@ def cmd_train_entities(args) -> int:
 
 def cmd_eval_intents(args) -> int:
     """Evaluate an intent head on a split of a dataset: per-label report, OOS metrics, JSON."""
-    from finetune.head_eval import intent_report
-    from finetune.heads import IntentHead
+    from finetune.heads import IntentHead, intent_report
     from finetune.intent_data import load_intent_splits
 
     head = IntentHead.load(args.head or _settings().intent_head_dir)
@@ -245,8 +242,7 @@ def cmd_eval_intents(args) -> int:
 
 def cmd_eval_entities(args) -> int:
     """Evaluate an entity head on a split of a dataset (seqeval report, JSON)."""
-    from finetune.head_eval import entity_report
-    from finetune.heads import EntityHead
+    from finetune.heads import EntityHead, entity_report
     from finetune.intent_data import load_entity_splits
 
     head = EntityHead.load(args.head or _settings().entity_head_dir)
@@ -504,6 +500,7 @@ def _add_eval_retrieval(sub) -> None:
 
 def cmd_train(args) -> int:
     """LoRA SFT of the chat model on dialogues; writes the adapter folder with its metrics."""
+    from chatbot.operations import export_conversation_log
     from finetune.sft import SFTConfig, train_sft
 
     s = _settings()
@@ -520,7 +517,8 @@ def cmd_train(args) -> int:
             cfg[name] = v
     cfg["gradient_checkpointing"] = args.gradient_checkpointing
     cfg["keep_checkpoints"] = args.keep_checkpoints
-    res = train_sft(args.data, args.out, SFTConfig(**cfg), resume=not args.no_resume, cache_dir=s.cache_dir,
+    data = export_conversation_log(args.data, s)  # `store` / `store:approved`: the conversation log as a file
+    res = train_sft(data, args.out, SFTConfig(**cfg), resume=not args.no_resume, cache_dir=s.cache_dir,
                     name=args.name)
     if not res.is_main_process:
         return 0
@@ -547,10 +545,13 @@ def _adapter_table(rows) -> str:
 def cmd_adapters_list(args) -> int:
     """List the adapters in the registry (the live one marked with *), each non-live one compared with the live
     model (the live adapter, or the base model) on its held-out dialogues where that comparison exists."""
-    from finetune.adapters import compare_with_live, list_adapters
+    from chatbot.operations import adapter_options
+    from finetune.adapters.gate import compare_with_live
+    from finetune.adapters.registry import list_adapters
 
     s = _settings()
-    rows = list_adapters(s)
+    opts = adapter_options(s)
+    rows = list_adapters(opts)
     if not rows:
         print(f"no adapters in {s.resolved_adapters_dir}")
         return 0
@@ -567,7 +568,7 @@ def cmd_adapters_list(args) -> int:
         if a.live or not any(a.metrics.get(k) is not None for k in ("val_loss", "rouge_l", "self_stop_rate")):
             continue
         try:
-            cmp = compare_with_live(a.path, s, evaluate=False)
+            cmp = compare_with_live(a.path, opts, evaluate=False)
         except ChatbotError as exc:
             print(f"\n{a.version}: cannot compare: {exc}")
             continue
@@ -580,15 +581,19 @@ def cmd_adapters_list(args) -> int:
 def cmd_adapters_eval(args) -> int:
     """Evaluate an adapter (and the base model) on its own held-out split or on other data, beside the live
     adapter when one is live (same dialogues)."""
-    from finetune.adapters import compare_with_live, evaluate_adapter
+    from chatbot.operations import adapter_options, export_conversation_log
+    from finetune.adapters.evaluation import evaluate_adapter
+    from finetune.adapters.gate import compare_with_live
 
     s = _settings()
-    res = evaluate_adapter(args.name, s, data=args.data, max_samples=args.max_samples,
+    opts = adapter_options(s)
+    data = export_conversation_log(args.data, s) if args.data else None
+    res = evaluate_adapter(args.name, opts, data=data, max_samples=args.max_samples,
                            with_base=not args.no_base)
     rows = [("base", res["base"])] if res.get("base") else []
     cmp = None
     if not args.data:
-        cmp = compare_with_live(args.name, s)
+        cmp = compare_with_live(args.name, opts)
         if cmp["reference"] not in ("base", res["version"]) and cmp["reference_metrics"]:
             rows.append((f"{cmp['reference']} (live)", cmp["reference_metrics"]))
     print(_adapter_table(rows + [(res["version"], res["adapter"])]))
@@ -619,10 +624,11 @@ def _served_status(url: str) -> str:
 def cmd_adapters_promote(args) -> int:
     """Make an adapter live if it loads as the engine loads it, changes the model and passes the gate
     (metrics vs the live one on the same dialogues, same base model); then say what the server serves."""
-    from finetune.adapters import promote
+    from chatbot.operations import adapter_options
+    from finetune.adapters.gate import promote
 
     s = _settings()
-    decision = promote(args.name, s, force=args.force, via="cli")
+    decision = promote(args.name, adapter_options(s), force=args.force, via="cli")
     for line in decision.sentences():
         print(line)
     print(f"live adapter is now {decision.candidate.version} (was {decision.previous or 'none (base model)'})")
@@ -633,10 +639,11 @@ def cmd_adapters_promote(args) -> int:
 
 def cmd_adapters_rollback(args) -> int:
     """Make the previously live adapter live again (or no adapter); then say what the server serves."""
-    from finetune.adapters import rollback
+    from chatbot.operations import adapter_options
+    from finetune.adapters.registry import rollback
 
     s = _settings()
-    now = rollback(s, via="cli")
+    now = rollback(adapter_options(s), via="cli")
     print(f"live adapter is now {now.version if now else 'none (base model)'}")
     if not args.no_check:
         print(_served_status(args.url or f"http://{s.host}:{s.port}"))
@@ -660,9 +667,10 @@ def cmd_adapters_status(args) -> int:
 
 def cmd_adapters_history(args) -> int:
     """The audit log of promotions and rollbacks (who, when, from which version to which, the gate)."""
-    from finetune.adapters import audit_sentence, read_audit
+    from chatbot.operations import adapter_options
+    from finetune.adapters.registry import audit_sentence, read_audit
 
-    entries = read_audit(_settings())
+    entries = read_audit(adapter_options(_settings()))
     if not entries:
         print("no promotions or rollbacks recorded")
     for e in entries:
@@ -672,18 +680,20 @@ def cmd_adapters_history(args) -> int:
 
 def cmd_adapters_merge(args) -> int:
     """Write the base model with the adapter merged in, as a full checkpoint."""
-    from finetune.adapters import merge_adapter
+    from chatbot.operations import adapter_options
+    from finetune.adapters.export import merge_adapter
 
-    out = merge_adapter(args.name, args.out, _settings())
+    out = merge_adapter(args.name, args.out, adapter_options(_settings()))
     print(f"wrote merged checkpoint to {out}")
     return 0
 
 
 def cmd_adapters_export_int8(args) -> int:
     """Write an int8 (dynamic quantization) CPU checkpoint; optionally measure it against the unmerged model."""
-    from finetune.adapters import export_int8
+    from chatbot.operations import adapter_options
+    from finetune.adapters.export import export_int8
 
-    report = export_int8(args.name, args.out, _settings(), measure=args.measure)
+    report = export_int8(args.name, args.out, adapter_options(_settings()), measure=args.measure)
     if report.get("comparison"):
         c = report["comparison"]
         print(f"{'model':<12} {'val loss':>9} {'ROUGE-L':>8} {'self-stop':>9} {'tok/s':>8} {'size MB':>8}")

@@ -37,7 +37,7 @@ class Metrics:
         adapter_served: ``chatbot_adapter_served{version}``: 1 for the adapter the engine serves ("" = base model).
         adapter_live: ``chatbot_adapter_live{version}``: 1 for the adapter ``LIVE.json`` names ("" = none).
         adapter_mismatch: ``chatbot_adapter_live_mismatch``: 1 while the engine serves another adapter than
-            ``LIVE.json`` names (a failed or pending switch; finetune.adapters.LiveAdapterWatcher).
+            ``LIVE.json`` names (a failed or pending switch; chatbot.adapter_watch.LiveAdapterWatcher).
         adapter_errors: ``chatbot_adapter_sync_errors_total``: promoted adapters the engine could not serve.
     """
 

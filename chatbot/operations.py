@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -276,6 +278,77 @@ def _adapters_dir(settings) -> Path:
     return Path(getattr(settings, "resolved_adapters_dir", None) or settings.data_dir / "adapters")
 
 
+def _serving_max_lora_rank(settings) -> int | None:
+    """The highest LoRA rank the configured engine serves: ``settings.max_lora_rank`` when it is vLLM
+    (``engine="vllm"``, or ``"auto"`` where vLLM is installed), None for transformers (peft serves any rank)."""
+    engine = getattr(settings, "engine", "auto")
+    if engine == "vllm":
+        return int(settings.max_lora_rank)
+    if engine == "auto":
+        from chatbot.engines.vllm_engine import vllm_available
+
+        return int(settings.max_lora_rank) if vllm_available() else None
+    return None
+
+
+def adapter_options(settings):
+    """The fine-tuning module's :class:`~finetune.adapters.registry.AdapterOptions` from the settings: the
+    registry (``resolved_adapters_dir``), the served model and the cache it is converted into, the serving
+    engine's LoRA rank limit and the ``adapter_gate_*`` tolerances.
+
+    Raises:
+        ConfigError: the fine-tuning module is not available, or a setting is out of range.
+    """
+    registry = _finetune_module("adapters.registry")
+    return registry.AdapterOptions(
+        adapters_dir=_adapters_dir(settings), model=settings.model, cache_dir=settings.cache_dir,
+        max_lora_rank=_serving_max_lora_rank(settings),
+        max_val_loss_increase=settings.adapter_gate_max_val_loss_increase,
+        max_rouge_l_drop=settings.adapter_gate_max_rouge_l_drop,
+        max_self_stop_drop=settings.adapter_gate_max_self_stop_drop,
+    )
+
+
+#: ``--data`` names of the conversation log: every conversation, or only the reviewer-approved replies.
+STORE_SPECS = ("store", "store:approved")
+
+
+def export_conversation_log(specs: Sequence[str | Path], settings, out_dir: Path | None = None) -> list[str]:
+    """Training or evaluation data specs with the conversation log exported to files: fine-tuning reads chat JSONL
+    files, never the database.
+
+    Each ``store`` (every conversation) or ``store:approved`` (only conversations with a reviewer-approved reply,
+    cut after the last one) in ``specs`` becomes a chat-SFT JSONL file exported from the configured store
+    (``settings.resolved_database_url``) into ``out_dir`` (default ``data_dir/training``) as ``store.jsonl`` /
+    ``store-approved.jsonl``, replaced atomically; other specs are returned as they are.
+
+    Raises:
+        StoreError: the store cannot be read.
+    """
+    wanted = {str(s) for s in specs} & set(STORE_SPECS)
+    if not wanted:
+        return [str(s) for s in specs]
+    from chatbot.store import Store
+
+    out_dir = Path(out_dir or settings.data_dir / "training")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    store = Store(settings.resolved_database_url)
+    try:
+        for spec in sorted(wanted):
+            examples = store.sft_examples(approved_only=spec == "store:approved")
+            path = out_dir / f"{spec.replace(':', '-')}.jsonl"
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+            os.replace(tmp, path)
+            log.info("exported %d conversation(s) of the log (%s) to %s", len(examples), spec, path)
+            files[spec] = str(path)
+    finally:
+        store.close()
+    return [files.get(str(s), str(s)) for s in specs]
+
+
 def _finetune_train(data: Path, settings, report: Report) -> dict:
     """Train a LoRA adapter on ``data`` (chat-SFT JSONL) with :func:`finetune.sft.train_sft` and its
     default :class:`~finetune.sft.SFTConfig` on the configured chat model, with the ``train_*`` settings
@@ -297,14 +370,14 @@ def _finetune_train(data: Path, settings, report: Report) -> dict:
 
 
 def list_adapters(settings) -> list[dict]:
-    """Trained adapters (:func:`finetune.adapters.list_adapters`) with their evaluation metrics:
+    """Trained adapters (:func:`finetune.adapters.registry.list_adapters`) with their evaluation metrics:
     ``[{"name", "version", "live", "base", **metrics}]``; empty when the module is not available."""
     try:
-        mod = _finetune_module("adapters")
+        mod = _finetune_module("adapters.registry")
     except ConfigError:
         return []
     out = []
-    for a in mod.list_adapters(settings):
+    for a in mod.list_adapters(adapter_options(settings)):
         metrics = {k: v for k, v in (getattr(a, "metrics", None) or {}).items() if not isinstance(v, (dict, list))}
         out.append({"name": getattr(a, "name", ""), "version": getattr(a, "version", ""),
                     "live": bool(getattr(a, "live", False)), "base": (getattr(a, "base_sha256", "") or "")[:12],
@@ -314,7 +387,7 @@ def list_adapters(settings) -> list[dict]:
 
 def promote_adapter(settings, name: str, user: str | None = None) -> dict:
     """Make adapter ``name`` live if it loads as the engine loads it, changes the model and passes the evaluation
-    gate (:func:`finetune.adapters.promote`); recorded in the audit log under ``user`` (via the console).
+    gate (:func:`finetune.adapters.gate.promote`); recorded in the audit log under ``user`` (via the console).
 
     Returns:
         ``{"live": version, "previous": version | None, "gate": table lines, "sentences": the verdict in words}``.
@@ -326,37 +399,38 @@ def promote_adapter(settings, name: str, user: str | None = None) -> dict:
     """
     if not name:
         raise InvalidInputError("adapter name must not be empty")
-    decision = _finetune_module("adapters").promote(name, settings, user=user, via="console")
+    decision = _finetune_module("adapters.gate").promote(name, adapter_options(settings), user=user, via="console")
     return {"live": decision.candidate.version, "previous": decision.previous, "gate": decision.lines(),
             "sentences": decision.sentences()}
 
 
 def rollback_adapter(settings, user: str | None = None) -> dict:
-    """Make the previously live adapter live again (:func:`finetune.adapters.rollback`), recorded in the audit
+    """Make the previously live adapter live again (:func:`finetune.adapters.registry.rollback`), recorded in the audit
     log under ``user``.
 
     Raises:
         ConfigError: the fine-tuning module is not available.
         AdapterError: nothing to roll back to.
     """
-    now = _finetune_module("adapters").rollback(settings, user=user, via="console")
+    now = _finetune_module("adapters.registry").rollback(adapter_options(settings), user=user, via="console")
     return {"live": now.version if now is not None else None}
 
 
 def adapter_history(settings) -> list[dict]:
-    """The audit log of promotions and rollbacks, newest first (:func:`finetune.adapters.read_audit`), each
+    """The audit log of promotions and rollbacks, newest first (:func:`finetune.adapters.registry.read_audit`), each
     with a ``sentence``."""
-    mod = _finetune_module("adapters")
-    return [{**e, "sentence": mod.audit_sentence(e)} for e in reversed(mod.read_audit(settings))]
+    mod = _finetune_module("adapters.registry")
+    return [{**e, "sentence": mod.audit_sentence(e)} for e in reversed(mod.read_audit(adapter_options(settings)))]
 
 
 def compare_adapter(settings, name: str, evaluate: bool = True) -> dict:
-    """The adapter beside the live model on its held-out dialogues (:func:`finetune.adapters.compare_with_live`;
+    """The adapter beside the live model on its held-out dialogues (:func:`finetune.adapters.gate.compare_with_live`;
     with ``evaluate``, evaluates the live adapter once when no cached comparison exists)."""
     if not name:
         raise InvalidInputError("adapter name must not be empty")
-    return _finetune_module("adapters").compare_with_live(name, settings, evaluate=evaluate)
+    return _finetune_module("adapters.gate").compare_with_live(name, adapter_options(settings), evaluate=evaluate)
 
 
 __all__ = ["Job", "Jobs", "reindex", "save_uploads", "export_approved", "check_trainable", "train_from_approved",
-           "list_adapters", "promote_adapter", "rollback_adapter", "adapter_history", "compare_adapter", "ChatbotError"]
+           "adapter_options", "export_conversation_log", "list_adapters", "promote_adapter", "rollback_adapter",
+           "adapter_history", "compare_adapter", "ChatbotError"]

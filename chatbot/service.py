@@ -512,7 +512,7 @@ class Assistant:
             store, build_redactor(settings, entity_head=lambda: getattr(self.router, "entity_head", None)),
             self.metrics,
         )
-        from finetune.adapters import LiveAdapterWatcher
+        from chatbot.adapter_watch import LiveAdapterWatcher
 
         #: keeps the engine on the promoted adapter (LIVE.json), checked before each generated turn
         self.adapters = LiveAdapterWatcher(settings, self.metrics)
@@ -532,11 +532,12 @@ class Assistant:
             ConfigError: the engine setting cannot be honoured here.
             StoreError: the database cannot be opened.
         """
+        from chatbot.adapter_watch import lora_enabled
         from chatbot.assets import resolve_chat_model, resolve_embedder
         from chatbot.engines import build_engine
         from retrieval.embedder import Embedder
 
-        engine = build_engine(settings, resolve_chat_model(settings))
+        engine = build_engine(settings, resolve_chat_model(settings), enable_lora=lora_enabled(settings))
         embedder = Embedder(resolve_embedder(settings), name=settings.embedder)
         retriever = Retriever(index_dir or settings.index_dir, embedder, search_options(settings))
         router = Router.from_settings(settings) if settings.routing else None

@@ -6,7 +6,7 @@ The common format is JSONL, one dialogue a line::
 
 Readers:
 
-* :func:`load_jsonl` -- that format (what :func:`export_transcripts` writes from the log store);
+* :func:`load_jsonl` -- that format (what the store's chat-SFT export writes from the conversation log);
 * :func:`import_bitext` -- ``bitext_customer_support`` (one request -> one agent reply; the
   ``{{Placeholder}}`` spellings of company details become ``[[field]]`` markers that the
   service fills at serving time, see :mod:`chatbot.company`);
@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from chatbot.company import canonical_field, marker
-from chatbot.errors import DataError, NotFoundError
+from chatbot.errors import ConfigError, DataError, NotFoundError
+from finetune.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Dialogue:
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: an optional
             leading system message, then turns that start with a user message and include at
             least one assistant message.
-        source: where it came from (``"bitext_customer_support"``, a file name, ``"store"``).
+        source: where it came from (``"bitext_customer_support"``, a file name).
         meta: anything else (intent, company, ...), not used for training.
     """
 
@@ -318,49 +319,7 @@ def import_twitter(path: str | Path | None = None, files: Sequence[str] = ("dev.
     return out
 
 
-# ----------------------------------------------------------------------------------- the log store
-
-
-def export_transcripts(store, path: str | Path | None = None, system_prompt: str | None = None,
-                       approved_only: bool = False, conversation_ids: Sequence[str] | None = None
-                       ) -> list[Dialogue]:
-    """Export stored conversations as dialogues in the JSONL chat format (via ``Store.sft_examples``).
-
-    Customer messages become ``user``; bot and staff replies ``assistant`` (a staff
-    correction replaces the original reply); consecutive messages of one side are
-    joined. Conversations without a reply are skipped.
-
-    Args:
-        store: a :class:`chatbot.store.Store`.
-        path: also write them as JSONL here.
-        system_prompt: a system message to put first in each dialogue.
-        approved_only: only conversations with a reply a reviewer approved, cut after the last one.
-        conversation_ids: only these conversations (None: all).
-
-    Returns:
-        The dialogues (id ``store:<conversation id>``), validated.
-
-    Raises:
-        DataError: an exported conversation breaks :func:`validate_messages`.
-        StoreError: the store cannot be read.
-    """
-    rows = store.sft_examples(conversation_ids, approved_only=approved_only, system_prompt=system_prompt)
-    out = [Dialogue(r["id"], validate_messages(r["messages"], r["id"]), "store") for r in rows]
-    if path is not None:
-        write_jsonl(out, path)
-    return out
-
-
 # ----------------------------------------------------------------------------------- sources
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dialogues_sha256(dialogues: Iterable[Dialogue]) -> str:
@@ -377,14 +336,14 @@ def load_dialogues(specs: Sequence[str | Path], system_prompt: str | None = None
     """Load dialogues from shared-set names and JSONL files.
 
     Args:
-        specs: ``"bitext_customer_support"``, ``"twitter_customer_care_docpred"``, ``"store"`` /
-            ``"store:approved"`` (the conversation log of the configured database, all or only
-            reviewer-approved replies), or paths to JSONL files (any mix, at least one).
+        specs: ``"bitext_customer_support"``, ``"twitter_customer_care_docpred"``, or paths to JSONL files
+            (any mix, at least one). The conversation log reaches fine-tuning as such a file: the service
+            exports it from the store (``chatbot train --data store``).
         system_prompt: put this system message first in every dialogue that has none.
 
     Returns:
         (dialogues, sources): ``sources`` lists, per spec, ``{"spec", "path", "sha256", "dialogues"}``
-        (the SHA-256 of the file, of the set's files in order, or of the exported dialogues).
+        (the SHA-256 of the file, or of the set's files in order).
 
     Raises:
         DataError: no spec, or ids repeat across sources.
@@ -404,18 +363,6 @@ def load_dialogues(specs: Sequence[str | Path], system_prompt: str | None = None
             root = SHARED_DATA / s
             got = import_twitter(root)
             files = [root / "dev.json", root / "test.json"]
-        elif s in ("store", "store:approved"):
-            from chatbot.config import Settings
-            from chatbot.store import Store
-
-            st = Store(Settings().resolved_database_url)
-            try:
-                got = export_transcripts(st, approved_only=s == "store:approved")
-            finally:
-                st.close()
-            sources.append({"spec": s, "path": [], "sha256": dialogues_sha256(got), "dialogues": len(got)})
-            dialogues.extend(got)
-            continue
         else:
             p = Path(s)
             if p.suffix == ".csv" or (p.is_dir() and (p / "Bitext_Sample_Customer_Support_Training_Dataset.csv").exists()):
@@ -622,8 +569,6 @@ def encode_dialogue(tokenizer, dialogue: Dialogue, max_length: int | None = None
             token), or the chat template renders the dialogue inconsistently.
         ConfigError: ``truncation`` is not ``turns`` or ``drop``.
     """
-    from chatbot.errors import ConfigError
-
     if truncation not in ("turns", "drop"):
         raise ConfigError(f"truncation must be 'turns' or 'drop', got {truncation!r}")
     msgs = dialogue.messages

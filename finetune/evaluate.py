@@ -18,7 +18,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from finetune.data import IGNORE_INDEX, DataCollator, Dialogue, encode_dialogues
+from chatbot.errors import ConfigError, InvalidInputError
+from finetune.data import END_OF_TURN_STRINGS, IGNORE_INDEX, DataCollator, Dialogue, encode_dialogues
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,21 @@ def render_prompt_ids(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[
     if not isinstance(out, list):
         out = out["input_ids"]
     return [int(t) for t in out]
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Token ids that end an assistant turn, sorted: the tokenizer's EOS, the end-of-turn tokens of
+    :data:`finetune.data.END_OF_TURN_STRINGS` that the vocabulary has (``<|im_end|>``, ``<|eot_id|>`` ...),
+    and the generation config's ``eos_token_id``(s). The serving engines stop on the same ids."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(int(vocab[t]) for t in END_OF_TURN_STRINGS if t in vocab)
+    if generation_config is not None and generation_config.eos_token_id is not None:
+        eos = generation_config.eos_token_id
+        ids.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    return sorted(ids)
 
 
 def _pad_id(tokenizer, stop_ids: Sequence[int]) -> int:
@@ -73,16 +89,14 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[Mapping[str, st
         One :class:`Generation` per prompt.
 
     Raises:
-        ValueError: ``max_new_tokens`` or ``batch_size`` below 1.
+        ConfigError: ``max_new_tokens`` or ``batch_size`` below 1.
     """
     import torch
 
-    from chatbot.engines.transformers_engine import stop_token_ids
-
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad = _pad_id(tokenizer, stop_ids)
     encoded = [render_prompt_ids(tokenizer, p) for p in prompts]
@@ -118,12 +132,12 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float
     """ROUGE-L F-measure of each prediction against its reference (``rouge-score``, Porter stemmer), in [0, 1].
 
     Raises:
-        ValueError: the two lists differ in length.
+        InvalidInputError: the two lists differ in length.
     """
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
-        raise ValueError(f"predictions and references must have the same length, got {len(predictions)} "
+        raise InvalidInputError(f"predictions and references must have the same length, got {len(predictions)} "
                          f"and {len(references)}")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]

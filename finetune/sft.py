@@ -31,7 +31,6 @@ through ``SFTConfig.fsdp``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -42,8 +41,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from chatbot.config import EMBEDDED_CHAT_MODEL
-from chatbot.errors import ConfigError, ModelAssetError, TooLittleDataError
+from chatbot.errors import ConfigError, TooLittleDataError
+from finetune.adapters.registry import ADAPTER_FORMAT, MANIFEST
+from finetune.base_model import EMBEDDED_CHAT_MODEL, load_causal_lm, load_tokenizer, resolve_base_model
 from finetune.data import (
     DataCollator,
     Dialogue,
@@ -54,12 +54,9 @@ from finetune.data import (
     reference_splits,
     split_dialogues,
 )
+from finetune.hashing import files_sha256, model_fingerprint
 
 log = logging.getLogger(__name__)
-
-#: Version of the adapter folder layout (``adapter.json``).
-ADAPTER_FORMAT = 1
-MANIFEST = "adapter.json"
 
 
 @dataclass
@@ -242,64 +239,6 @@ def world_info() -> tuple[int, int]:
 # --------------------------------------------------------------------------- model and data
 
 
-def resolve_base_model(name: str, cache_dir: Path | None = None) -> str:
-    """A local folder or hub id for ``name`` (the embedded name is converted once, see chatbot.assets).
-
-    Raises:
-        ModelAssetError: the embedded model could not be prepared.
-    """
-    if name == EMBEDDED_CHAT_MODEL:
-        from chatbot.assets import ensure_smollm2
-        from chatbot.config import Settings
-
-        return str(ensure_smollm2(cache_dir or Settings().cache_dir))
-    return name
-
-
-_FINGERPRINTS: dict[tuple, str] = {}
-
-
-def model_fingerprint(path: str) -> str:
-    """SHA-256 over a checkpoint's weight files (``*.safetensors`` / ``*.bin`` in name order).
-
-    A hub id that is not a local folder is fingerprinted by its name (``"id:<name>"``).
-    Results are cached per process by (path, sizes, modification times).
-    """
-    p = Path(path)
-    if not p.is_dir():
-        return f"id:{path}"
-    files = sorted([*p.glob("*.safetensors"), *p.glob("*.bin")])
-    key = (str(p.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-    if key not in _FINGERPRINTS:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-        _FINGERPRINTS[key] = h.hexdigest()
-    return _FINGERPRINTS[key]
-
-
-def load_tokenizer(path: str):
-    """The base model's tokenizer, with a pad token (its EOS when it has none).
-
-    Raises:
-        ModelAssetError: it cannot be loaded or has no chat template.
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise ModelAssetError(f"cannot load the tokenizer of {path!r}: {exc}") from exc
-    if not tok.chat_template:
-        raise ModelAssetError(f"base_model {path!r} has no chat template; use an instruction-tuned chat model")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def load_model(path: str, config: SFTConfig):
     """The base model (fp32 weights; mixed precision is autocast) wrapped for ``config.method``.
 
@@ -309,14 +248,7 @@ def load_model(path: str, config: SFTConfig):
     Raises:
         ModelAssetError: the checkpoint cannot be loaded.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except Exception as exc:
-        raise ModelAssetError(f"cannot load base_model {path!r}: {exc}") from exc
-    model.config.use_cache = False
+    model = load_causal_lm(path)
     if config.method == "full":
         return model
     from peft import LoraConfig, get_peft_model
@@ -575,10 +507,7 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 
 def _weights_sha256(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    return files_sha256(sorted(folder.glob("*.safetensors")))
 
 
 def adapter_version(name: str, created: str, weights_sha256: str) -> str:
@@ -602,7 +531,7 @@ def train_sft(data: list[str | Path] | list[Dialogue], out_dir: str | Path, conf
         config: run settings (default :class:`SFTConfig`).
         resume: continue from the last checkpoint in ``out_dir/checkpoints`` when there is one.
         progress: tqdm progress bars.
-        cache_dir: where the embedded base model is converted (default: settings).
+        cache_dir: where the embedded base model is converted (needed when ``base_model`` is the embedded one).
         name: adapter name (default: the folder name).
 
     Returns:

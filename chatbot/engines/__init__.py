@@ -18,7 +18,6 @@ __all__ = [
     "StreamChunk",
     "build_engine",
     "cpu_has_native_bf16",
-    "lora_enabled",
     "vllm_dtype",
 ]
 
@@ -54,24 +53,9 @@ def vllm_dtype(setting: str, cuda: bool | None = None, cpuinfo: str | None = Non
     return "bfloat16" if cuda or cpu_has_native_bf16(cpuinfo) else "float32"
 
 
-def lora_enabled(settings) -> bool:
-    """Whether vLLM starts with LoRA support: ``settings.enable_lora``, or when it is None (auto),
-    whether the adapter registry holds an adapter. LoRA support slows every request, adapter or
-    not (43.6 against 73.5 tok/s for 16 chats here), so a fresh install serves without it; the first
-    promotion then builds an engine with LoRA support in the background and switches to it (no restart,
-    :meth:`VLLMEngine.set_adapter`), and later promotions and rollbacks apply at once."""
-    if settings.enable_lora is not None:
-        return bool(settings.enable_lora)
-    from finetune.adapters import list_adapters
-
-    try:
-        return bool(list_adapters(settings))
-    except Exception:  # an unreadable registry must not stop the server; serve without LoRA
-        return False
-
-
-def build_engine(settings, model_path: str) -> Engine:
-    """Construct (not start) the engine named by ``settings.engine``.
+def build_engine(settings, model_path: str, enable_lora: bool = False) -> Engine:
+    """Construct (not start) the engine named by ``settings.engine``; ``enable_lora``: vLLM starts with LoRA
+    support (the service decides, :func:`chatbot.adapter_watch.lora_enabled`).
 
     ``"auto"`` picks vLLM when it is installed, else transformers; ``"remote"``
     talks to a separate OpenAI-compatible server at ``remote_url``.
@@ -113,7 +97,7 @@ def build_engine(settings, model_path: str) -> Engine:
             tensor_parallel_size=settings.tensor_parallel_size,
             enable_prefix_caching=settings.enable_prefix_caching,
             model_name=settings.model,
-            enable_lora=lora_enabled(settings),
+            enable_lora=enable_lora,
             max_loras=settings.max_loras,
             max_lora_rank=settings.max_lora_rank,
         )

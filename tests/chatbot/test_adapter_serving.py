@@ -11,10 +11,13 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
+from chatbot.adapter_watch import LiveAdapterWatcher
 from chatbot.engines.base import EngineInfo
 from chatbot.errors import EngineError
-from finetune.adapters import LiveAdapterWatcher, promote, read_audit, rollback
-from finetune.sft import model_fingerprint
+from chatbot.operations import adapter_options
+from finetune.adapters.gate import promote
+from finetune.adapters.registry import read_audit, rollback
+from finetune.hashing import model_fingerprint
 from tests.finetune.sft_helpers import tiny_llama
 from tests.finetune.test_adapters import _fake_adapter
 
@@ -63,7 +66,7 @@ def test_promotion_and_rollback_are_served_on_the_next_reply_without_restart(tin
         assert one["model"] == v1
         assert one["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
 
-        promote("two", s, user="piet")
+        promote("two", adapter_options(s), user="piet")
         two = _ask(client)
         assert two["model"] == v2
         metrics = client.get("/metrics").text
@@ -74,7 +77,7 @@ def test_promotion_and_rollback_are_served_on_the_next_reply_without_restart(tin
         back = _ask(client)
         assert back["model"] == v1 and back["choices"][0]["message"]["content"] == \
             one["choices"][0]["message"]["content"]
-        rollback(s, user="piet")  # back to the base model
+        rollback(adapter_options(s), user="piet")  # back to the base model
         again = _ask(client)
         assert again["model"] == "tiny-base"
         assert again["choices"][0]["message"]["content"] == base["choices"][0]["message"]["content"]
@@ -82,7 +85,7 @@ def test_promotion_and_rollback_are_served_on_the_next_reply_without_restart(tin
     stored = [a.store.messages(r["conversation_id"])[-1].adapter_version for r in (base, one, two, back, again)]
     assert stored == [None, v1, v2, v1, None]
     assert a.store.count(Message) == 10
-    assert [(e["action"], e["user"], e["via"], e["from"], e["to"]) for e in read_audit(s)] == [
+    assert [(e["action"], e["user"], e["via"], e["from"], e["to"]) for e in read_audit(adapter_options(s))] == [
         ("promote", "olga", "console", None, v1), ("promote", "piet", "cli", v1, v2),
         ("rollback", "olga", "console", v2, v1), ("rollback", "piet", "cli", v1, None)]
 
@@ -111,7 +114,7 @@ def test_a_switch_the_engine_cannot_make_is_reported_not_silent(tiny, tmp_path, 
 
     s = Settings(model=tiny, data_dir=tmp_path, engine="transformers")
     v = _fake_adapter(s.resolved_adapters_dir, "one", model_fingerprint(tiny), 2.0, 0.3, 0.9, "2026-01-01", base=tiny)
-    promote("one", s)
+    promote("one", adapter_options(s))
     m = Metrics()
     w = LiveAdapterWatcher(s, m)
     eng = _Engine(mode)

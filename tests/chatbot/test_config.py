@@ -35,8 +35,9 @@ def test_bad_values_name_the_field(kw, needle):
 def test_vllm_dtype_and_lora_defaults_follow_the_hardware_and_the_registry(tmp_path):
     import json
 
+    from chatbot.adapter_watch import lora_enabled
     from chatbot.config import Settings
-    from chatbot.engines import cpu_has_native_bf16, lora_enabled, vllm_dtype
+    from chatbot.engines import cpu_has_native_bf16, vllm_dtype
 
     avx512 = "flags : fpu sse2 avx2 avx512f avx512_vnni fma"
     sapphire = avx512 + " avx512_bf16 amx_bf16 amx_tile"

@@ -91,6 +91,28 @@ def test_training_needs_approved_transcripts_and_exports_them(tmp_path):
     store.close()
 
 
+def test_conversation_log_is_exported_as_the_chat_jsonl_finetuning_reads(tmp_path):
+    """`chatbot train --data store` / `store:approved`: the service exports the configured store's conversation
+    log as chat JSONL; the fine-tuning module reads that file as it is (it never opens the database)."""
+    from chatbot.config import Settings
+    from finetune.data import load_dialogues, load_jsonl
+
+    s = Settings(data_dir=tmp_path / "var")
+    store = Store(s.resolved_database_url)
+    store.record_turn("c1", "Where is my order?", Message(conversation_id="", role="assistant", text="On its way."),
+                      new=True)
+    store.record_turn("c1", "Thanks", Message(conversation_id="", role="assistant", text="You're welcome."))
+    store.close()
+    paths = ops.export_conversation_log(["store", "store:approved", "bitext_customer_support"], s)
+    assert paths[2] == "bitext_customer_support"  # other specs pass through
+    ds = load_jsonl(paths[0])
+    assert [m["role"] for m in ds[0].messages] == ["user", "assistant", "user", "assistant"]
+    assert ds[0].id == "store:c1"
+    from_spec, sources = load_dialogues(paths[:1])
+    assert [d.messages for d in from_spec] == [ds[0].messages] and sources[0]["spec"] == paths[0]
+    assert load_dialogues(paths[1:2])[0] == []  # nothing reviewed yet
+
+
 def _approve(store: Store, n: int) -> list[str]:
     """``n`` conversations, each with one corrected and approved reply; returns their ids."""
     user = store.get_user("olga") or store.add_user("olga", "x" * 20)

@@ -1,6 +1,6 @@
-"""finetune.adapters and the engines' adapter switching: an overfit sign-off adapter changes the served reply
-on both engines (and the base model does not), promote / rollback behind the gate, the live-pointer watcher,
-merge and int8 export."""
+"""finetune.adapters (registry, load check, gate, exports) and the engines' adapter switching: an overfit sign-off
+adapter changes the served reply on both engines (and the base model does not), promote / rollback behind the
+gate, merge and int8 export. The live-pointer watcher's own tests are in tests/chatbot/test_adapter_watch.py."""
 
 from __future__ import annotations
 
@@ -8,26 +8,20 @@ import asyncio
 import importlib.util
 import json
 import shutil
-import typing
 from pathlib import Path
 
 import pytest
 
+from chatbot.adapter_watch import LiveAdapterWatcher
 from chatbot.engines.base import ChatMessage, GenerationParams
 from chatbot.errors import AdapterError
-from finetune.adapters import (
-    AdapterLoadError,
-    LiveAdapterWatcher,
-    audit_sentence,
-    list_adapters,
-    live_adapter,
-    promote,
-    read_audit,
-    read_live,
-    rollback,
-)
+from chatbot.operations import adapter_options
+from finetune.adapters.gate import promote
+from finetune.adapters.load_check import AdapterLoadError
+from finetune.adapters.registry import audit_sentence, list_adapters, live_adapter, read_audit, read_live, rollback
 from finetune.data import Dialogue
-from finetune.sft import SFTConfig, model_fingerprint, train_sft
+from finetune.hashing import model_fingerprint
+from finetune.sft import SFTConfig, train_sft
 from tests.finetune.sft_helpers import QUESTIONS, tiny_llama, toy_dialogues
 
 SIGN_OFF = "Cheers, the Quokka crew"
@@ -85,12 +79,13 @@ def test_signoff_adapter_changes_the_transformers_reply_without_restart(signoff_
     a = Assistant(settings, engine, None, Store(settings.resolved_database_url))
     reg = settings.resolved_adapters_dir / "signoff"
     shutil.copytree(signoff_adapter["path"], reg)
+    opts = adapter_options(settings)
     with pytest.raises(AdapterError, match="has no metrics to gate on"):
-        promote("signoff", settings)
+        promote("signoff", opts)
     before = asyncio.run(a.respond(None, PROMPT[0].content))
-    promote("signoff", settings, force=True)
+    promote("signoff", opts, force=True)
     live = asyncio.run(a.respond(None, PROMPT[0].content))
-    rollback(settings)
+    rollback(opts)
     after = asyncio.run(a.respond(None, PROMPT[0].content))
     assert SIGN_OFF not in before.text and SIGN_OFF in live.text and SIGN_OFF not in after.text
     stored = [a.store.messages(t.conversation_id)[-1].adapter_version for t in (before, live, after)]
@@ -156,7 +151,7 @@ def test_first_promotion_goes_live_on_a_vllm_engine_started_without_lora(signoff
                 return "".join([c.text async for c in engine.stream(PROMPT, PARAMS, rid)])
 
             base = await reply("base")
-            promote("signoff", s, force=True)  # no metrics to gate on; the load check still runs
+            promote("signoff", adapter_options(s), force=True)  # no metrics to gate on; the load check still runs
             await watcher.sync(engine)
             pending = watcher.status(engine)
             during = await reply("during")  # the old engine answers while the new one is built
@@ -165,7 +160,7 @@ def test_first_promotion_goes_live_on_a_vllm_engine_started_without_lora(signoff
                 await asyncio.sleep(1)
             served = watcher.status(engine)
             tuned = await reply("tuned")
-            rollback(s)
+            rollback(adapter_options(s))
             await watcher.sync(engine)
             again = await reply("again")
             return base, pending, during, served, tuned, again
@@ -231,6 +226,7 @@ def test_promote_gate_and_rollback(tiny, tmp_path):
     from chatbot.config import Settings
 
     s = Settings(model=tiny, data_dir=tmp_path, engine="transformers")
+    o = adapter_options(s)
     reg = s.resolved_adapters_dir
     sha = model_fingerprint(tiny)
     a = _fake_adapter(reg, "a", sha, 2.0, 0.30, 0.90, "2026-01-01", base=tiny)
@@ -241,36 +237,36 @@ def test_promote_gate_and_rollback(tiny, tmp_path):
 
     # with nothing live the reference is the base model on the same splits
     with pytest.raises(AdapterError, match=r"refused \(compared with base\): val_loss 3.5000 is above"):
-        promote("worse-than-base", s)
-    d = promote("a", s, user="olga")
-    assert d.ok and d.reference == "base" and live_adapter(s).version == a
+        promote("worse-than-base", o)
+    d = promote("a", o, user="olga")
+    assert d.ok and d.reference == "base" and live_adapter(o).version == a
     assert d.load_check.tensors == 8 and d.load_check.max_logit_change > 1e-4  # 2 layers x q,v x A,B
     assert not any("{" in line for line in d.sentences())  # plain sentences, no dicts
     assert d.sentences()[-1] == f"Verdict: {a} is not worse than the base model on the same held-out dialogues."
     # worse than the live one on validation loss: refused, the pointer does not move
     with pytest.raises(AdapterError, match=rf"refused \(compared with {a}\): val_loss 2.1000 is above"):
-        promote("worse", s)
-    assert read_live(s)["current"]["version"] == a
+        promote("worse", o)
+    assert read_live(o)["current"]["version"] == a
     with pytest.raises(AdapterError, match="trained on base model 'tiny'.*but the served model"):
-        promote("other-base", s)
+        promote("other-base", o)
     with pytest.raises(AdapterError, match="already live"):
-        promote(a, s)  # by version string
-    assert promote("c", s).reference == a
-    assert [x.version for x in list_adapters(s) if x.live] == [c]
-    assert {x.version for x in list_adapters(s)} == {a, worse, c, other, bad_base}
+        promote(a, o)  # by version string
+    assert promote("c", o).reference == a
+    assert [x.version for x in list_adapters(o) if x.live] == [c]
+    assert {x.version for x in list_adapters(o)} == {a, worse, c, other, bad_base}
 
-    assert rollback(s).version == a
-    assert rollback(s) is None and live_adapter(s) is None
+    assert rollback(o).version == a
+    assert rollback(o) is None and live_adapter(o) is None
     with pytest.raises(AdapterError, match="nothing to roll back: no adapter is live"):
-        rollback(s)
-    forced = promote("worse-than-base", s, force=True)
-    assert forced.forced and not forced.ok and live_adapter(s).version == bad_base
-    events = [e["action"] for e in read_live(s)["events"]]
+        rollback(o)
+    forced = promote("worse-than-base", o, force=True)
+    assert forced.forced and not forced.ok and live_adapter(o).version == bad_base
+    events = [e["action"] for e in read_live(o)["events"]]
     assert events == ["promote", "promote", "rollback", "rollback", "promote"]
     # the audit log beside LIVE.json: who, from which version to which, the gate's table
     import getpass
 
-    audit = read_audit(s)
+    audit = read_audit(o)
     me = getpass.getuser()
     assert [(e["action"], e["user"], e["from"], e["to"]) for e in audit] == [
         ("promote", "olga", None, a), ("promote", me, a, c), ("rollback", me, c, a), ("rollback", me, a, None),
@@ -285,29 +281,30 @@ def test_promote_gate_and_rollback(tiny, tmp_path):
 def test_a_promotion_that_raced_another_is_refused_and_loses_no_history(tiny, tmp_path, monkeypatch):
     """Two operators (or two servers on one registry) promote at once: the one whose checks ran against a live
     adapter that has since changed is refused, and LIVE.json keeps both earlier versions in its history."""
-    import finetune.adapters as adapters
     from chatbot.config import Settings
+    from finetune.adapters import gate
 
     s = Settings(model=tiny, data_dir=tmp_path, engine="transformers")
+    o = adapter_options(s)
     reg = s.resolved_adapters_dir
     sha = model_fingerprint(tiny)
     a = _fake_adapter(reg, "a", sha, 2.0, 0.30, 0.90, "2026-01-01", base=tiny)
     b = _fake_adapter(reg, "b", sha, 1.9, 0.30, 0.90, "2026-01-02", base=tiny)
     c = _fake_adapter(reg, "c", sha, 1.8, 0.30, 0.90, "2026-01-03", base=tiny)
-    promote("a", s)
-    real_check = adapters.check_adapter_loads
+    promote("a", o)
+    real_check = gate.check_adapter_loads
 
-    def check_while_another_promotes(rec, settings):
+    def check_while_another_promotes(rec, options):
         if rec.version == b:  # the other operator's promotion of c lands while b is being checked
-            promote("c", settings)
-        return real_check(rec, settings)
+            promote("c", options)
+        return real_check(rec, options)
 
-    monkeypatch.setattr(adapters, "check_adapter_loads", check_while_another_promotes)
+    monkeypatch.setattr(gate, "check_adapter_loads", check_while_another_promotes)
     with pytest.raises(AdapterError, match=rf"live adapter changed to '{c}' while it was being checked against '{a}'"):
-        promote("b", s)
-    state = read_live(s)
+        promote("b", o)
+    state = read_live(o)
     assert state["current"]["version"] == c and [h["version"] for h in state["history"]] == [a]
-    assert [(e["from"], e["to"]) for e in read_audit(s)] == [(None, a), (a, c)]
+    assert [(e["from"], e["to"]) for e in read_audit(o)] == [(None, a), (a, c)]
 
 
 def _rename_keys(folder: Path, old: str, new: str) -> None:
@@ -330,10 +327,11 @@ def test_promote_refuses_an_adapter_that_does_not_load_or_does_nothing(tiny, tmp
     from chatbot.config import Settings
 
     s = Settings(model=tiny, data_dir=tmp_path, engine="vllm", max_lora_rank=64)
+    o = adapter_options(s)
     reg = s.resolved_adapters_dir
     sha = model_fingerprint(tiny)
     good = _fake_adapter(reg, "good", sha, 2.0, 0.30, 0.90, "2026-01-01", base=tiny)
-    promote("good", s)
+    promote("good", o)
     before = (reg / "LIVE.json").read_bytes()
     _fake_adapter(reg, case, sha, 1.0, 0.9, 1.0, "2026-01-02", base=tiny, r=128 if case == "rank_128" else 4,
                   zero_b=case == "zero_lora_b")
@@ -344,10 +342,10 @@ def test_promote_refuses_an_adapter_that_does_not_load_or_does_nothing(tiny, tmp
     elif case == "renamed_keys":
         _rename_keys(reg / case, ".layers.", ".blocks.")
     with pytest.raises(AdapterLoadError, match=message) as err:
-        promote(case, s, force=True)  # --force skips the metric gate, never the load check
+        promote(case, o, force=True)  # --force skips the metric gate, never the load check
     assert err.value.check == check
-    assert (reg / "LIVE.json").read_bytes() == before and live_adapter(s).version == good
-    assert [e["to"] for e in read_audit(s)] == [good]
+    assert (reg / "LIVE.json").read_bytes() == before and live_adapter(o).version == good
+    assert [e["to"] for e in read_audit(o)] == [good]
 
 
 def test_cli_promote_refusal_exits_non_zero_with_the_reason(tiny, tmp_path, monkeypatch, capsys):
@@ -378,30 +376,6 @@ def test_cli_promote_refusal_exits_non_zero_with_the_reason(tiny, tmp_path, monk
     assert f"promoted the base model -> {good} (gate vs base: val_loss 2.0000 vs 3.0000 ok" in capsys.readouterr().out
 
 
-def test_watcher_refuses_an_adapter_of_another_base(tiny, tmp_path):
-    from chatbot.config import Settings
-    from chatbot.engines.base import EngineInfo
-
-    s = Settings(model=tiny, data_dir=tmp_path)
-    _fake_adapter(s.resolved_adapters_dir, "x", "f" * 64, 1.0, 0.5, 1.0, "2026-01-01")
-    promote_state = {"current": {"name": "x", "version": "x-v", "path": str(s.resolved_adapters_dir / "x")},
-                     "history": [], "events": []}
-    (s.resolved_adapters_dir / "LIVE.json").write_text(json.dumps(promote_state))
-
-    class FakeEngine:
-        model_path = tiny
-        info = EngineInfo("fake", "m", 512)
-        calls: typing.ClassVar[list] = []
-
-        async def set_adapter(self, path, version):
-            self.calls.append((path, version))
-
-    eng = FakeEngine()
-    watcher = LiveAdapterWatcher(s)
-    assert asyncio.run(watcher.sync(eng)) is None and eng.calls == []  # a turn is never failed by it
-    assert "not serving adapter 'x-20260101-abcdef12': trained on base model sha256 ffffffffffff" in watcher.last_error
-
-
 @pytest.mark.slow
 def test_merge_and_int8_export_match_the_unmerged_adapter(tiny, tmp_path):
     import torch
@@ -409,14 +383,14 @@ def test_merge_and_int8_export_match_the_unmerged_adapter(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from chatbot.config import Settings
-    from finetune.adapters import INT8_WEIGHTS, export_int8, load_int8, merge_adapter, quantize_int8
+    from finetune.adapters.export import INT8_WEIGHTS, export_int8, load_int8, merge_adapter, quantize_int8
 
     s = Settings(model=tiny, data_dir=tmp_path)
     out = s.resolved_adapters_dir / "toy"
     cfg = SFTConfig(base_model=tiny, max_steps=3, batch_size=4, learning_rate=1e-2, eval_steps=0, eval_replies=2,
                     eval_max_new_tokens=4, max_length=96)
     train_sft(toy_dialogues(20), out, cfg, progress=False)
-    merged_dir = merge_adapter("toy", tmp_path / "merged", s)
+    merged_dir = merge_adapter("toy", tmp_path / "merged", adapter_options(s))
     ids = torch.tensor([[1, 4093, 198, 26843, 2, 198, 1, 520, 9531, 198]])
     base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -426,7 +400,7 @@ def test_merge_and_int8_export_match_the_unmerged_adapter(tiny, tmp_path):
     assert not torch.allclose(unmerged, plain, atol=1e-4)  # the adapter does something
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
 
-    report = export_int8("toy", tmp_path / "int8", s, measure=2)
+    report = export_int8("toy", tmp_path / "int8", adapter_options(s), measure=2)
     # safetensors, no pickle: loading runs no code and cannot trip over lazy modules
     assert (tmp_path / "int8" / INT8_WEIGHTS).read_bytes()[8:9] == b"{"
     q, _ = load_int8(tmp_path / "int8")

@@ -15,7 +15,6 @@ from finetune.data import (
     Dialogue,
     encode_dialogue,
     encode_dialogues,
-    export_transcripts,
     import_bitext,
     import_twitter,
     load_dialogues,
@@ -193,22 +192,3 @@ def test_load_dialogues_records_hashes_and_rejects_duplicate_ids(tmp_path):
     assert len(ds) == 1 and len(sources[0]["sha256"]) == 64 and sources[0]["dialogues"] == 1
     with pytest.raises(DataError, match="two-turns"):
         load_dialogues([p, p])
-
-
-def test_store_transcript_export_is_the_same_format(tmp_path, monkeypatch):
-    from chatbot.store import Message, Store
-
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    store = Store(url)
-    store.record_turn("c1", "Where is my order?", Message(conversation_id="", role="assistant", text="On its way."),
-                      new=True)
-    store.record_turn("c1", "Thanks", Message(conversation_id="", role="assistant", text="You're welcome."))
-    ds = export_transcripts(store, tmp_path / "t.jsonl")
-    store.close()
-    assert [m["role"] for m in ds[0].messages] == ["user", "assistant", "user", "assistant"]
-    again = load_jsonl(tmp_path / "t.jsonl")
-    assert again[0].messages == ds[0].messages and again[0].id == "store:c1"
-    monkeypatch.setenv("CHATBOT_DATABASE_URL", url)  # `chatbot train --data store` reads the configured store
-    from_spec, sources = load_dialogues(["store"])
-    assert [d.messages for d in from_spec] == [ds[0].messages] and sources[0]["spec"] == "store"
-    assert load_dialogues(["store:approved"])[0] == []  # nothing reviewed yet

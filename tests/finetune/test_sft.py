@@ -13,16 +13,10 @@ from pathlib import Path
 import pytest
 
 from chatbot.errors import ConfigError
+from finetune.base_model import load_tokenizer
 from finetune.data import encode_dialogues
-from finetune.sft import (
-    SFTConfig,
-    build_trainer,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_precision,
-    train_sft,
-)
+from finetune.hashing import model_fingerprint
+from finetune.sft import SFTConfig, build_trainer, load_model, resolve_precision, train_sft
 from tests.finetune.sft_helpers import tiny_llama, toy_dialogues
 
 ROOT = Path(__file__).resolve().parents[2]

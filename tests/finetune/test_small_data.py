@@ -9,16 +9,9 @@ import json
 import pytest
 
 from chatbot.errors import DataError, TooLittleDataError
+from finetune.base_model import load_tokenizer
 from finetune.data import REFERENCE_SET, load_jsonl
-from finetune.sft import (
-    SFTConfig,
-    load_tokenizer,
-    no_zero_warmup,
-    plan_steps,
-    prepare_data,
-    run_summary,
-    train_sft,
-)
+from finetune.sft import SFTConfig, no_zero_warmup, plan_steps, prepare_data, run_summary, train_sft
 from tests.finetune.sft_helpers import tiny_llama, toy_dialogues
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from chatbot.errors import InvalidInputError
 from finetune.calibration import decide, oos_metrics
+from finetune.heads.bio import align_tags
 from finetune.intent_data import Span
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def label_report(y_true: Sequence[str], y_pred: Sequence[str], digits: int = 4) 
 
 def intent_report(head, rows: Sequence[tuple[str, str]], probs: np.ndarray | None = None,
                   threshold: float | None = None, progress: bool = False) -> dict:
-    """Evaluate an :class:`~finetune.heads.IntentHead` on ``(text, label)`` rows.
+    """Evaluate an :class:`~finetune.heads.intent.IntentHead` on ``(text, label)`` rows.
 
     Args:
         head: the intent head.
@@ -123,13 +124,11 @@ def _token_view(tokenizer, text: str):
 
 
 def _tags_for(offsets, special, spans) -> list[str]:
-    from finetune.heads import align_tags
-
     return [t for t in align_tags(offsets, spans, special) if t is not None]
 
 
 def entity_report(head, rows: Sequence[tuple[str, list[Span]]], threshold: float | None = None) -> dict:
-    """Evaluate an :class:`~finetune.heads.EntityHead` on ``(text, spans)`` rows with seqeval.
+    """Evaluate an :class:`~finetune.heads.entity.EntityHead` on ``(text, spans)`` rows with seqeval.
 
     Gold and predicted spans are both turned into BIO tags over the same (untruncated)
     tokenisation, so the score is span-level exact match on token boundaries.
