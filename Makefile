@@ -44,6 +44,7 @@ system-test-deps:
 # CHATBOT_TEST_POSTGRES_URL: a server the store tests may create databases on (default: the local
 # Debian cluster, started here when we are root).
 test: install system-test-deps
+	$(BIN)/lint-imports
 	$(BIN)/chatbot setup
 	CHATBOT_TEST_POSTGRES_URL="$${CHATBOT_TEST_POSTGRES_URL:-$$(bash .ci/test-postgres.sh)}" $(BIN)/python -m pytest
 

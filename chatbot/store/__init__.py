@@ -7,7 +7,7 @@ above it (no settings, service or faces) and raises :mod:`chatbot.errors` types.
 Modules, one concern each:
 
 * :mod:`~chatbot.store.schema`: the tables, their allowed values, opening a database at the newest
-  Alembic migration (:mod:`chatbot.migrations`).
+  Alembic migration (:mod:`chatbot.store.migrations`).
 * :mod:`~chatbot.store.base`: sessions, transactions, retries of transient write failures.
 * :mod:`~chatbot.store.conversations`: conversations and messages; :func:`change_status`, the one place a
   conversation's status (``bot`` | ``handoff`` | ``human`` | ``closed``) and its handoff rows change.

@@ -16,7 +16,7 @@ Tables:
 * ``app_user``: staff and operators (argon2 password hashes, role).
 * ``auth_session``: console sessions (SHA-256 of the cookie token, expiry).
 
-The schema is created and upgraded by the Alembic migrations in :mod:`chatbot.migrations`
+The schema is created and upgraded by the Alembic migrations in :mod:`chatbot.store.migrations`
 (:func:`open_engine` runs them; a database made by the pre-migration skeleton is stamped at
 its first revision and upgraded). Times are stored in UTC.
 """
@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, SQLModel, create_engine
 
 from chatbot.errors import StoreError
-from chatbot.migrations import upgrade
+from chatbot.store.migrations import upgrade
 
 #: Conversation statuses: the bot answers only in ``bot``.
 CONVERSATION_STATUSES = ("bot", "handoff", "human", "closed")

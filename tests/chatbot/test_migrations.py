@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from chatbot.migrations import current_revision, downgrade, head_revision, upgrade
+from chatbot.store.migrations import current_revision, downgrade, head_revision, upgrade
 from chatbot.store import Message, SQLModel, Store
 from tests.chatbot.pg import db_url  # noqa: F401  (fixture)
 

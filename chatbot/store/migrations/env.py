@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection :func:`chatbot.migrations.upgrade` passes in, or on
+"""Alembic environment: runs on the connection :func:`chatbot.store.migrations.upgrade` passes in, or on
 the URL from ``-x url=...``, ``sqlalchemy.url`` or the ``CHATBOT_`` settings (command line)."""
 
 from __future__ import annotations
