@@ -14,7 +14,7 @@ import logging
 from chatbot.errors import AdapterError, ChatbotError
 from chatbot.operations import adapter_options
 from finetune.adapters.registry import AdapterRecord, list_adapters, live_pointer_mtime, read_live
-from finetune.hashing import model_fingerprint
+from chatbot.hashing import model_fingerprint
 
 log = logging.getLogger(__name__)
 

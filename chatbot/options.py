@@ -27,6 +27,19 @@ def index_options(settings: Settings) -> IndexOptions:
     )
 
 
+def build_embedder(settings: Settings):
+    """The configured sentence embedder (:class:`retrieval.embedder.Embedder`), its model resolved to a local folder
+    (the embedded MiniLM by default; :func:`chatbot.assets.resolve_embedder`).
+
+    Raises:
+        ModelAssetError: the embedded model cannot be found or prepared.
+    """
+    from chatbot.assets import resolve_embedder
+    from retrieval.embedder import Embedder
+
+    return Embedder(resolve_embedder(settings), name=settings.embedder)
+
+
 def search_options(settings: Settings) -> SearchOptions:
     """How the retriever searches: ``retrieval_mode``, ``rrf_k``, ``hybrid_candidates`` and :func:`index_options`."""
     return SearchOptions(mode=settings.retrieval_mode, rrf_k=settings.rrf_k,

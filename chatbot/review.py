@@ -261,5 +261,6 @@ class Review:
         return self.store.analytics(parse_day(since, "since"), parse_day(until, "until", end=True))
 
 
-__all__ = ["CSV_FIELDS", "Export", "Review", "csv_safe_cell", "export_csv", "export_jsonl", "parse_day",
+# as_utc is the store's: faces format timestamps through the service layer, never by importing the store.
+__all__ = ["CSV_FIELDS", "Export", "Review", "as_utc", "csv_safe_cell", "export_csv", "export_jsonl", "parse_day",
            "parse_ids"]

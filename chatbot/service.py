@@ -20,10 +20,10 @@ from chatbot.admission import Admission, Ticket
 from chatbot.company import PlaceholderStream
 from chatbot.config import Settings
 from chatbot.engines.base import ChatMessage, Engine, GenerationParams
-from chatbot.engines.stops import StopFilter
+from chatbot.engines.stops import StopFilter, check_stops  # noqa: F401  (check_stops: for the faces)
 from chatbot.errors import ChatbotError, EngineError, InvalidInputError, RequestTimeoutError
 from chatbot.metrics import Metrics
-from chatbot.options import search_options
+from chatbot.options import build_embedder, search_options
 from chatbot.prompts import BuiltPrompt, build_prompt
 from chatbot.review import Review
 from chatbot.router import RouteDecision, Router, plan
@@ -533,13 +533,11 @@ class Assistant:
             StoreError: the database cannot be opened.
         """
         from chatbot.adapter_watch import lora_enabled
-        from chatbot.assets import resolve_chat_model, resolve_embedder
+        from chatbot.assets import resolve_chat_model
         from chatbot.engines import build_engine
-        from retrieval.embedder import Embedder
 
         engine = build_engine(settings, resolve_chat_model(settings), enable_lora=lora_enabled(settings))
-        embedder = Embedder(resolve_embedder(settings), name=settings.embedder)
-        retriever = Retriever(index_dir or settings.index_dir, embedder, search_options(settings))
+        retriever = Retriever(index_dir or settings.index_dir, build_embedder(settings), search_options(settings))
         router = Router.from_settings(settings) if settings.routing else None
         return cls(settings, engine, retriever, Store(database_url or settings.resolved_database_url), router=router)
 

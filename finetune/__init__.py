@@ -14,5 +14,4 @@ service's settings, the store or an engine. Imports are lazy; import the modules
 * :mod:`finetune.heads` -- the intent and entity heads (config, training loop, folder format, BIO tags,
   evaluation);
 * :mod:`finetune.intent_data`, :mod:`finetune.calibration` -- labelled messages and confidence calibration;
-* :mod:`finetune.hashing` -- SHA-256 of files and checkpoints.
 """

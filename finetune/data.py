@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 from chatbot.company import canonical_field, marker
 from chatbot.errors import ConfigError, DataError, NotFoundError
-from finetune.hashing import sha256_file
+from chatbot.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from finetune.data import (
     reference_splits,
     split_dialogues,
 )
-from finetune.hashing import files_sha256, model_fingerprint
+from chatbot.hashing import files_sha256, model_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,11 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatbot.auth import COOKIE_NAME, request_token
+from chatbot.auth import COOKIE_NAME, User, request_token
 from chatbot.errors import AuthError
 from chatbot.http.pages import login_page, widget_js
 from chatbot.http.state import get_console, operator_user, staff_user
-from chatbot.review import Review
-from chatbot.store import User, as_utc
+from chatbot.review import Review, as_utc
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,8 @@ import time
 
 from fastapi import FastAPI, Request
 
-from chatbot.auth import Auth, request_token
+from chatbot.auth import Auth, User, request_token
 from chatbot.operations import Jobs
-from chatbot.store import User
 
 log = logging.getLogger(__name__)
 

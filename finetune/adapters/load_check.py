@@ -16,7 +16,7 @@ from chatbot.errors import AdapterError
 from finetune.adapters.registry import AdapterOptions, AdapterRecord
 from finetune.base_model import resolve_base_model
 from finetune.evaluate import render_prompt_ids
-from finetune.hashing import model_fingerprint
+from chatbot.hashing import model_fingerprint
 
 #: The fixed probe of the load check: the adapter must change the base model's logits on it.
 PROBE_MESSAGES = [{"role": "system", "content": "You are a helpful customer-service assistant."},
@@ -48,7 +48,7 @@ def served_model_path(options: AdapterOptions) -> str:
 
 
 def served_model_fingerprint(options: AdapterOptions) -> str:
-    """Weight SHA-256 of the model the service serves (:func:`finetune.hashing.model_fingerprint`)."""
+    """Weight SHA-256 of the model the service serves (:func:`chatbot.hashing.model_fingerprint`)."""
     return model_fingerprint(served_model_path(options))
 
 

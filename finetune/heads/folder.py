@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from chatbot.errors import ModelAssetError, NotFoundError
-from finetune.hashing import sha256_file
+from chatbot.hashing import sha256_file
 from finetune.heads.config import resolve_base
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from chatbot.errors import EngineError
 from chatbot.operations import adapter_options
 from finetune.adapters.gate import promote
 from finetune.adapters.registry import read_audit, rollback
-from finetune.hashing import model_fingerprint
+from chatbot.hashing import model_fingerprint
 from tests.finetune.sft_helpers import tiny_llama
 from tests.finetune.test_adapters import _fake_adapter
 

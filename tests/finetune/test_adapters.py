@@ -20,7 +20,7 @@ from finetune.adapters.gate import promote
 from finetune.adapters.load_check import AdapterLoadError
 from finetune.adapters.registry import audit_sentence, list_adapters, live_adapter, read_audit, read_live, rollback
 from finetune.data import Dialogue
-from finetune.hashing import model_fingerprint
+from chatbot.hashing import model_fingerprint
 from finetune.sft import SFTConfig, train_sft
 from tests.finetune.sft_helpers import QUESTIONS, tiny_llama, toy_dialogues
 

@@ -15,7 +15,7 @@ import pytest
 from chatbot.errors import ConfigError
 from finetune.base_model import load_tokenizer
 from finetune.data import encode_dialogues
-from finetune.hashing import model_fingerprint
+from chatbot.hashing import model_fingerprint
 from finetune.sft import SFTConfig, build_trainer, load_model, resolve_precision, train_sft
 from tests.finetune.sft_helpers import tiny_llama, toy_dialogues
 

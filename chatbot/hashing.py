@@ -1,7 +1,8 @@
-"""SHA-256 of files and checkpoints: the one place fine-tuning hashes bytes.
+"""SHA-256 of files and checkpoints: the one place the project hashes file bytes (kernel: imports nothing of ours).
 
-* :func:`sha256_file` -- one file (data sets, head base weights), optionally cached per process;
+* :func:`sha256_file` -- one file (data sets, head base weights, the embedded GGUF), optionally cached per process;
 * :func:`files_sha256` -- the concatenated bytes of several files in order (an adapter's weights);
+* :func:`tree_sha256` -- the files under some paths with their names (an evaluation's document collection);
 * :func:`model_fingerprint` -- a checkpoint folder's weight files with their names (the base model an
   adapter was trained on; the served model's must match it).
 """
@@ -54,6 +55,16 @@ def files_sha256(paths: Iterable[str | Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         _update(h, Path(p))
+    return h.hexdigest()
+
+
+def tree_sha256(paths: Iterable[str | Path]) -> str:
+    """SHA-256 over every file under ``paths`` (files or folders, recursively), sorted by path: for each file its
+    name, a NUL, its :func:`sha256_file` and a newline. Renaming or editing any file changes it."""
+    files = sorted(f for p in map(Path, paths) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
