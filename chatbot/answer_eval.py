@@ -24,7 +24,6 @@ abstention over unanswerable rows; the unsupported-claim rate over all rows.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import statistics
@@ -33,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chatbot.errors import ChatbotError, DataError
+from chatbot.jsonl import iter_jsonl
 from chatbot.verification import Verifier, claims, content_tokens, strip_markers
 
 log = logging.getLogger(__name__)
@@ -64,22 +64,14 @@ def load_answer_set(path: Path) -> list[AnswerCase]:
             answerable row without facts or an unanswerable row with some (line and field named).
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"cannot read answer dataset {path}: {exc}") from exc
     out: list[AnswerCase] = []
     seen: set[str] = set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    try:
+        rows = list(iter_jsonl(path))
+    except OSError as exc:
+        raise DataError(f"cannot read answer dataset {path}: {exc}") from exc
+    for n, row in rows:
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not JSON: {exc}") from exc
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
         for key, typ in (("id", str), ("query", str), ("gold", list), ("facts", list), ("answerable", bool)):
             if not isinstance(row.get(key), typ):
                 raise DataError(f"{where}: field {key!r} must be {typ.__name__}, got {row.get(key)!r}")

@@ -95,8 +95,9 @@ class RequestTimeoutError(ChatbotError):
     error_type = "timeout_error"
 
 
-class DataError(ChatbotError):
-    """A training or evaluation dataset is malformed; the message names the sample and field."""
+class DataError(ChatbotError, ValueError):
+    """A training or evaluation dataset is malformed; the message names the sample and field (still a
+    ``ValueError`` for callers that caught the readers' older errors)."""
 
     http_status = 400
     error_type = "data_error"

@@ -51,6 +51,7 @@ from typing import Any, Literal
 from chatbot.company import canonical_field, marker
 from chatbot.errors import ConfigError, DataError, NotFoundError
 from chatbot.hashing import sha256_file
+from chatbot.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -148,23 +149,16 @@ def load_jsonl(path: str | Path) -> list[Dialogue]:
         raise NotFoundError(f"data file {str(path)!r} does not exist")
     out: list[Dialogue] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(rec, dict) or "messages" not in rec:
-                raise DataError(f"{where}: expected an object with 'messages', got {line.strip()[:80]!r}")
-            did = str(rec.get("id") or f"{path.name}:{lineno}")
-            if did in seen:
-                raise DataError(f"{where}: id {did!r} is repeated; dialogue ids must be unique")
-            seen.add(did)
-            out.append(Dialogue(did, validate_messages(rec["messages"], where), rec.get("source") or path.name,
-                                rec.get("meta") or {}))
+    for lineno, rec in iter_jsonl(path):
+        where = f"{path.name} line {lineno}"
+        if "messages" not in rec:
+            raise DataError(f"{where}: expected an object with 'messages', got keys {sorted(rec)[:8]}")
+        did = str(rec.get("id") or f"{path.name}:{lineno}")
+        if did in seen:
+            raise DataError(f"{where}: id {did!r} is repeated; dialogue ids must be unique")
+        seen.add(did)
+        out.append(Dialogue(did, validate_messages(rec["messages"], where), rec.get("source") or path.name,
+                            rec.get("meta") or {}))
     return out
 
 

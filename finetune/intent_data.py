@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatbot.errors import ConfigError, InvalidInputError, NotFoundError
+from chatbot.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +203,7 @@ def check_spans(text: str, spans: Sequence[Span], where: str = "") -> list[Span]
 def _iter_records(path: Path):
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InvalidInputError(f"{path} row {i}: not JSON: {exc}") from exc
-                if not isinstance(rec, dict):
-                    raise InvalidInputError(f"{path} row {i}: expected an object, got {type(rec).__name__}")
-                yield i, rec
+        yield from iter_jsonl(path)
     elif suffix in (".csv", ".tsv"):
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")

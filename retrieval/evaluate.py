@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatbot.errors import RetrievalError, RetrievalIndexError
+from chatbot.jsonl import iter_jsonl
 from retrieval.documents import Document
 from retrieval.ingest import ingest_documents
 from retrieval.retriever import Retriever, SearchOptions
@@ -212,27 +213,21 @@ def load_jsonl(path: Path) -> EvalSet:
     Blank lines are ignored.
 
     Raises:
-        DocumentNotFoundError: no such file.
-        RetrievalError: a line is not JSON or lacks a non-empty ``query``/``gold``; the message names the line.
+        FileNotFoundError: no such file.
+        DataError: a line is not a JSON object (:func:`chatbot.jsonl.iter_jsonl`).
+        RetrievalError: a line lacks a non-empty ``query``/``gold``; the message names the line.
     """
     path = Path(path)
     queries: list[EvalQuery] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RetrievalError(f"{path}:{n}: not JSON ({exc.msg})") from exc
-            q, gold = (row.get("query"), row.get("gold")) if isinstance(row, dict) else (None, None)
-            if not isinstance(q, str) or not q.strip():
-                raise RetrievalError(f"{path}:{n}: 'query' must be a non-empty string, got {q!r}")
-            if isinstance(gold, str):
-                gold = [gold]
-            if not isinstance(gold, list) or not gold:
-                raise RetrievalError(f"{path}:{n}: 'gold' must be a non-empty list of doc ids, got {gold!r}")
-            queries.append(EvalQuery(str(row.get("id", n)), q, frozenset(str(g) for g in gold)))
+    for n, row in iter_jsonl(path):
+        q, gold = row.get("query"), row.get("gold")
+        if not isinstance(q, str) or not q.strip():
+            raise RetrievalError(f"{path}:{n}: 'query' must be a non-empty string, got {q!r}")
+        if isinstance(gold, str):
+            gold = [gold]
+        if not isinstance(gold, list) or not gold:
+            raise RetrievalError(f"{path}:{n}: 'gold' must be a non-empty list of doc ids, got {gold!r}")
+        queries.append(EvalQuery(str(row.get("id", n)), q, frozenset(str(g) for g in gold)))
     return EvalSet(path.stem, queries, None, {"path": str(path)})
 
 

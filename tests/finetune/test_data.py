@@ -131,7 +131,7 @@ def test_jsonl_round_trip_and_errors_name_line_and_field(tmp_path):
     with pytest.raises(DataError, match=r"line 1: messages\[0\].role must be 'user'"):
         load_jsonl(bad)
     bad.write_text('{"messages": [}\n')
-    with pytest.raises(DataError, match="line 1: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1: not JSON"):  # the one JSONL reader, chatbot.jsonl
         load_jsonl(bad)
 
 
