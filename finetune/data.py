@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from chatbot.company import canonical_field, marker
+from chatbot.dialogue import chat_messages
 from chatbot.errors import ConfigError, DataError, NotFoundError
 from chatbot.hashing import sha256_file
 from chatbot.jsonl import iter_jsonl
@@ -294,16 +295,7 @@ def import_twitter(path: str | Path | None = None, files: Sequence[str] = ("dev.
             final = (conv.get("agentURL") or {}).get("url_utterance")
             if final:
                 tweets.append(("assistant", _clean_tweet(final)))
-            msgs: list[dict[str, str]] = []
-            for role, text in tweets:
-                if not text or (not msgs and role == "assistant"):
-                    continue
-                if msgs and msgs[-1]["role"] == role:
-                    msgs[-1]["content"] += "\n" + text
-                else:
-                    msgs.append({"role": role, "content": text})
-            while msgs and msgs[-1]["role"] != "assistant":
-                msgs.pop()
+            msgs = chat_messages(tweets)
             if not msgs:
                 continue
             header = conv.get("dialogHeader") or {}

@@ -14,6 +14,8 @@ from typing import TextIO
 from sqlalchemy import func
 from sqlmodel import Session, select
 
+from chatbot.dialogue import chat_messages
+
 from chatbot.errors import InvalidInputError, NotFoundError, StoreError
 from chatbot.store.base import StoreBase
 from chatbot.store.conversations import _conversation
@@ -56,19 +58,12 @@ def _sft_example(conversation_id: str, msgs: Sequence[Message], annotations: dic
         if last is None:
             return None
         msgs = msgs[: last + 1]
-    out: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    for m in msgs:
-        role = "user" if m.role == "user" else "assistant"
+    def turn(m: Message) -> tuple[str, str]:
         a = annotations.get(m.id)
-        content = (a.corrected_text if a is not None and a.corrected_text else m.text or "").strip()
-        if not content or (role == "assistant" and not any(x["role"] == "user" for x in out)):
-            continue
-        if out and out[-1]["role"] == role:
-            out[-1]["content"] += "\n" + content
-        else:
-            out.append({"role": role, "content": content})
-    while out and out[-1]["role"] != "assistant":
-        out.pop()
+        return ("user" if m.role == "user" else "assistant",
+                a.corrected_text if a is not None and a.corrected_text else m.text or "")
+
+    out = chat_messages(map(turn, msgs), system_prompt)
     if not any(x["role"] == "assistant" for x in out):
         return None
     return {"id": f"store:{conversation_id}", "messages": out}
