@@ -172,7 +172,7 @@ def build_prompts(questions: list[list[str]], kb: Path, data_dir: Path) -> list[
     from retrieval.retriever import Retriever
     from transformers import AutoTokenizer
 
-    from chatbot.engines.transformers_engine import render_chat
+    from chatbot.engines.base import render_chat
 
     s = Settings(data_dir=data_dir)
     emb = Embedder(resolve_embedder(s), name=s.embedder)

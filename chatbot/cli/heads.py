@@ -19,6 +19,14 @@ def _head_config(args, kind: str):
     return HeadConfig(**cfg)
 
 
+def _save(head, out: Path, noun: str, args) -> None:
+    """Save a trained head to ``out``, say so, and with ``--json`` write its metrics and training record."""
+    head.save(out)
+    print(f"saved {noun} head to {out}")
+    if args.json:
+        write_json(args.json, {"head": str(out), "metrics": head.metrics, "training": head.training})
+
+
 def cmd_train_intents(args) -> int:
     """Fine-tune an intent head, calibrate it, evaluate it on the test split and save it."""
     from finetune.heads import IntentHead, intent_report
@@ -46,10 +54,7 @@ def cmd_train_intents(args) -> int:
             line += (f"  in-scope accuracy {test['in_scope_accuracy']:.4f}  oos recall {test['oos_recall']:.4f}"
                      f"  oos precision {test['oos_precision'] or 0:.4f}")
         print(line)
-    head.save(out)
-    print(f"saved intent head to {out}")
-    if args.json:
-        write_json(args.json, {"head": str(out), "metrics": head.metrics, "training": head.training})
+    _save(head, out, "intent", args)
     return 0
 
 
@@ -69,10 +74,7 @@ def cmd_train_entities(args) -> int:
         head.metrics["test"] = test
         print(test["report"])
         print(f"test micro-F1 {test['micro_f1']:.4f}  exact character match {test['exact_char_match']:.4f}")
-    head.save(out)
-    print(f"saved entity head to {out}")
-    if args.json:
-        write_json(args.json, {"head": str(out), "metrics": head.metrics, "training": head.training})
+    _save(head, out, "entity", args)
     return 0
 
 

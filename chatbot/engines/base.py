@@ -105,9 +105,9 @@ class Engine(abc.ABC):
     async def start(self) -> None:
         """Load the model (heavy; called once before the first request)."""
 
-    @abc.abstractmethod
     def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        """Tokens of ``messages`` rendered with the chat template and generation prompt."""
+        """Tokens of ``messages`` rendered with the chat template and generation prompt (after :meth:`start`)."""
+        return len(render_chat(self._tok, messages))
 
     @abc.abstractmethod
     def stream(
@@ -135,6 +135,29 @@ class Engine(abc.ABC):
     async def close(self) -> None:
         """Release the model and any worker processes."""
 
+    #: Context window (prompt + new tokens) the engine admits requests against.
+    max_model_len: int
+    #: The tokenizer whose chat template renders prompts; set by :meth:`start`.
+    _tok = None
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` has run and requests can be served."""
+        return self._tok is not None
+
+    async def prompt_ids(self, messages: Sequence[ChatMessage], params: GenerationParams) -> list[int]:
+        """What every ``stream`` does first: start the engine on first use, render ``messages`` with the chat
+        template (:func:`render_chat`) and check that the prompt plus ``params.max_tokens`` fits.
+
+        Raises:
+            InvalidInputError: the prompt does not fit ``max_model_len - max_tokens``.
+        """
+        if not self.started:
+            await self.start()
+        ids = render_chat(self._tok, messages)
+        check_fits(len(ids), params.max_tokens, self.max_model_len)
+        return ids
+
 
 def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     """Raise InvalidInputError unless ``prompt_tokens + max_tokens <= max_model_len``."""
@@ -143,3 +166,29 @@ def check_fits(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
             f"prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds "
             f"max_model_len {max_model_len}"
         )
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's EOS, ``<|im_end|>``/``<|eot_id|>``
+    when the vocabulary has them, and the generation config's ``eos_token_id``(s)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        if tok in vocab:
+            ids.add(int(vocab[tok]))
+    if generation_config is not None and generation_config.eos_token_id is not None:
+        eos = generation_config.eos_token_id
+        ids.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    return sorted(ids)
+
+
+def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, with the generation prompt."""
+    out = tokenizer.apply_chat_template(
+        [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=True
+    )
+    if not isinstance(out, list):  # BatchEncoding in transformers 5
+        out = out["input_ids"]
+    return [int(t) for t in out]

@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 
-from chatbot.engines.base import ChatMessage, Engine, EngineInfo, GenerationParams, StreamChunk, check_fits
+from chatbot.engines.base import ChatMessage, Engine, EngineInfo, GenerationParams, StreamChunk
 from chatbot.errors import EngineError, InvalidInputError, TooBusyError
 
 log = logging.getLogger(__name__)
@@ -64,20 +64,16 @@ class RemoteEngine(Engine):
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
                                          timeout=httpx.Timeout(self.timeout_s, connect=10.0))
 
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        from chatbot.engines.transformers_engine import render_chat
-
-        return len(render_chat(self._tok, messages))
+    @property
+    def started(self) -> bool:
+        return self._client is not None
 
     async def stream(
         self, messages: Sequence[ChatMessage], params: GenerationParams, request_id: str
     ) -> AsyncIterator[StreamChunk]:
         import httpx
 
-        if self._client is None:
-            await self.start()
-        n_prompt = self.count_prompt_tokens(messages)
-        check_fits(n_prompt, params.max_tokens, self.max_model_len)
+        n_prompt = len(await self.prompt_ids(messages, params))
         body = {
             "model": self.model,
             "messages": [m.as_dict() for m in messages],

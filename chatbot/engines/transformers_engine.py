@@ -11,7 +11,14 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from chatbot.engines.base import ChatMessage, Engine, EngineInfo, GenerationParams, StreamChunk, check_fits
+from chatbot.engines.base import (
+    ChatMessage,
+    Engine,
+    EngineInfo,
+    GenerationParams,
+    StreamChunk,
+    stop_token_ids,
+)
 from chatbot.engines.detok import IncrementalDetokenizer
 from chatbot.errors import EngineError
 
@@ -20,35 +27,9 @@ log = logging.getLogger(__name__)
 _END = object()
 
 
-def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer's EOS, ``<|im_end|>``/``<|eot_id|>``
-    when the vocabulary has them, and the generation config's ``eos_token_id``(s)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        if tok in vocab:
-            ids.add(int(vocab[tok]))
-    if generation_config is not None and generation_config.eos_token_id is not None:
-        eos = generation_config.eos_token_id
-        ids.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-    return sorted(ids)
-
-
 def _slot(version: str) -> str:
     """A peft adapter name for ``version`` (module keys may not contain dots)."""
     return version.replace(".", "_").replace("/", "_")
-
-
-def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
-    """Token ids of ``messages`` through the tokenizer's chat template, with the generation prompt."""
-    out = tokenizer.apply_chat_template(
-        [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=True
-    )
-    if not isinstance(out, list):  # BatchEncoding in transformers 5
-        out = out["input_ids"]
-    return [int(t) for t in out]
 
 
 class TransformersEngine(Engine):
@@ -174,16 +155,14 @@ class TransformersEngine(Engine):
         self.info.adapter_version = (version or path) if path else None
         log.info("transformers engine adapter: %s", self.info.adapter_version or "none (base model)")
 
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        return len(render_chat(self._tok, messages))
+    @property
+    def started(self) -> bool:
+        return self._model is not None
 
     async def stream(
         self, messages: Sequence[ChatMessage], params: GenerationParams, request_id: str
     ) -> AsyncIterator[StreamChunk]:
-        if self._model is None:
-            await self.start()
-        prompt_ids = render_chat(self._tok, messages)
-        check_fits(len(prompt_ids), params.max_tokens, self.max_model_len)
+        prompt_ids = await self.prompt_ids(messages, params)
         async with self._lock:
             async for chunk in self._generate(prompt_ids, params):
                 yield chunk

@@ -15,9 +15,8 @@ import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 
+from chatbot.engines.base import ChatMessage, Engine, EngineInfo, GenerationParams, StreamChunk, stop_token_ids
 from chatbot.engines.detok import REPLACEMENT
-from chatbot.engines.base import ChatMessage, Engine, EngineInfo, GenerationParams, StreamChunk, check_fits
-from chatbot.engines.transformers_engine import render_chat, stop_token_ids
 from chatbot.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -227,9 +226,6 @@ class VLLMEngine(Engine):
         """The loaded tokenizer (after ``start``)."""
         return self._tok
 
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        return len(render_chat(self._tok, messages))
-
     async def set_adapter(self, path: str | None, version: str | None) -> None:
         """Serve a LoRA adapter from the next request on (None: the base model), no restart.
 
@@ -273,16 +269,17 @@ class VLLMEngine(Engine):
         self.pending_adapter = self.pending_reason = None
         log.info("vLLM engine adapter: %s (lora id %d)", req.lora_name, req.lora_int_id)
 
+    @property
+    def started(self) -> bool:
+        return self._engine is not None
+
     async def stream(
         self, messages: Sequence[ChatMessage], params: GenerationParams, request_id: str
     ) -> AsyncIterator[StreamChunk]:
-        if self._engine is None:
-            await self.start()
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        prompt_ids = render_chat(self._tok, messages)
-        check_fits(len(prompt_ids), params.max_tokens, self.max_model_len)
+        prompt_ids = await self.prompt_ids(messages, params)
         sp = SamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,

@@ -55,7 +55,7 @@ def test_detokenizer_drops_a_character_cut_by_length(tokenizer):
 
 
 def test_chat_template_is_applied_once(tokenizer):
-    from chatbot.engines.transformers_engine import render_chat, stop_token_ids
+    from chatbot.engines.base import render_chat, stop_token_ids
 
     ids = render_chat(tokenizer, [ChatMessage("system", "S"), ChatMessage("user", "Hi")])
     text = tokenizer.decode(ids)
