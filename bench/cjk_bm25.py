@@ -48,6 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_result  # noqa: E402  (after the path insert)
+
 DATA = ROOT / "data" / "eval" / "cjk"
 
 
@@ -148,11 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio = f"x{a['mrr'] / base:.1f}" if base else "-"
             print(f"{name:<13} {a['mrr']:6.3f} {a['recall@1']:6.3f} {a['recall@5']:6.3f} {a['recall@10']:6.3f}  "
                   f"{per}  {ratio}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"dataset": str(DATA.relative_to(ROOT)), "dataset_sha256": h.hexdigest(),
-                                     "chunk_tokens": 200, "overlap_tokens": 32, "embedder": s.embedder,
-                                     "results": results}, indent=2))
-    print(f"wrote {args.json}")
+    write_result(args.json, {"dataset": str(DATA.relative_to(ROOT)), "dataset_sha256": h.hexdigest(),
+                             "chunk_tokens": 200, "overlap_tokens": 32, "embedder": s.embedder, "results": results})
     return 0
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_result  # noqa: E402  (after the path insert)
+
 
 def _rss_mib() -> float:
     with open("/proc/self/status") as f:
@@ -242,10 +244,8 @@ def main() -> int:
           f"{args.steps} timed steps after {args.warmup}, {any_row['precision']}, {any_row['device']}, "
           f"{any_row['threads']} threads")
     print(_table(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k not in ("json", "method")},
-                                     "results": rows}, indent=1, default=str))
-    print(f"wrote {args.json}")
+    write_result(args.json, {"config": {k: v for k, v in vars(args).items() if k not in ("json", "method")},
+                             "results": rows}, indent=1)
     return 0
 
 

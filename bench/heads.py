@@ -18,7 +18,6 @@ Messages are the Bitext test split (the shipped heads never trained on it).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import write_result  # noqa: E402  (after the path insert)
 
 TARGET_P95_MS = 15.0
 
@@ -120,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "intent_head": str(args.intent),
         "entity_head": str(args.entity),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import write_result  # noqa: E402  (after the path insert)
 
 QUESTIONS = [
     "How do I return an item I bought?", "Where is my order?", "I forgot my password", "Can I get a refund?",
@@ -186,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"customers": args.customers, "turns": args.turns, "max_tokens": args.max_tokens, "baseline": base,
               "loaded": loaded, "storage": storage, "errors": run["errors"], "ok": ok}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        write_result(args.json, result)
     return 0 if ok else 1
 
 

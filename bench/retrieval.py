@@ -43,6 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_result  # noqa: E402  (after the path insert)
+
 
 def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
@@ -279,9 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{r['p95_speedup_vs_exact']:.1f}x"] for r in rows
             ]))
             print("(p50/p95: wall clock per query; cpu: CPU time of the searching thread; speedup: exact p95 / p95)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}")
+    print()
+    write_result(args.json, result)
     return 0
 
 

@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_result  # noqa: E402  (after the path insert)
+
 BITEXT = ROOT.parent / "shared" / "data" / "bitext_customer_support" / "Bitext_Sample_Customer_Support_Training_Dataset.csv"
 FALLBACK_QUESTIONS = [
     "How do I return an item I bought?", "I forgot my password", "My promo code does not work",
@@ -306,10 +308,9 @@ def main() -> int:
                         print(f"  {name} N={n}: {m} latency {r['latency_p50_s'] / g['latency_p50_s']:.2f} / "
                               f"{r['latency_p95_s'] / g['latency_p95_s']:.2f}, TTFT {r['ttft_p50_s'] / g['ttft_p50_s']:.2f}"
                               f" / {r['ttft_p95_s'] / g['ttft_p95_s']:.2f}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                     "cpu_count": os.cpu_count(), "results": results}, indent=2))
-    print(f"\nwrote {args.json}")
+    print()
+    write_result(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "cpu_count": os.cpu_count(),
+                             "results": results})
     return 0
 
 
