@@ -11,11 +11,8 @@ the bottom (the only place that knows the fine-tuning module's API).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -354,13 +351,9 @@ def export_conversation_log(specs: Sequence[str | Path], settings, out_dir: Path
     store = Store(settings.resolved_database_url)
     try:
         for spec in sorted(wanted):
-            examples = store.sft_examples(approved_only=spec == "store:approved")
             path = out_dir / f"{spec.replace(':', '-')}.jsonl"
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-            os.replace(tmp, path)
-            log.info("exported %d conversation(s) of the log (%s) to %s", len(examples), spec, path)
+            n = store.export_sft_jsonl(path, approved_only=spec == "store:approved")  # the store's one export
+            log.info("exported %d conversation(s) of the log (%s) to %s", n, spec, path)
             files[spec] = str(path)
     finally:
         store.close()
