@@ -47,6 +47,18 @@ def read_sse(response) -> list[dict]:
     return events
 
 
+def stream_chat(server, content: str = QUESTION, max_tokens: int = 24) -> tuple[int, httpx.Headers, list[dict]]:
+    """POST a streamed chat completion of one customer message: (status, headers, SSE events; [] unless 200).
+    The transformers and vLLM API tests both stream through here."""
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": max_tokens},
+        timeout=300,
+    ) as r:
+        return r.status_code, r.headers, read_sse(r) if r.status_code == 200 else []
+
+
 def test_healthz_reports_model_engine_and_index(tf_server):
     r = httpx.get(tf_server.url + "/healthz", timeout=10)
     assert r.status_code == 200
@@ -58,15 +70,9 @@ def test_healthz_reports_model_engine_and_index(tf_server):
 
 def test_streamed_answer_cites_return_policies_and_is_stored(tf_server):
     before = _counts(tf_server)
-    with httpx.stream(
-        "POST",
-        tf_server.url + "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": QUESTION}], "stream": True, "max_tokens": 24},
-        timeout=300,
-    ) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        events = read_sse(r)
+    status, headers, events = stream_chat(tf_server)
+    assert status == 200
+    assert headers["content-type"].startswith("text/event-stream")
     first, last = events[0], events[-1]
     assert first["choices"][0]["delta"]["role"] == "assistant"
     cited = {c["doc_id"] for c in first["citations"]}

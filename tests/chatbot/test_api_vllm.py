@@ -7,7 +7,7 @@ import importlib.util
 import httpx
 import pytest
 
-from tests.chatbot.test_api import QUESTION, RETURN_DOCS, read_sse
+from tests.chatbot.test_api import RETURN_DOCS, stream_chat
 from chatbot.testing import start_server, stop_server
 
 pytestmark = [
@@ -26,14 +26,8 @@ def vllm_server(tmp_path_factory, kb_dir, chat_model_path):
 
 def test_vllm_streams_a_cited_answer_and_stores_it(vllm_server):
     assert httpx.get(vllm_server.url + "/healthz", timeout=10).json()["engine"] == "vllm"
-    with httpx.stream(
-        "POST",
-        vllm_server.url + "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": QUESTION}], "stream": True, "max_tokens": 24},
-        timeout=300,
-    ) as r:
-        assert r.status_code == 200
-        events = read_sse(r)
+    status, _, events = stream_chat(vllm_server)
+    assert status == 200
     assert events[0]["citations"][0]["doc_id"] in RETURN_DOCS
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1])
     assert text.strip() and "<|im_end|>" not in text
