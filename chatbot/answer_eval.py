@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chatbot.errors import ChatbotError, DataError
+from chatbot.hashing import sha256_file
 from chatbot.jsonl import iter_jsonl
 from chatbot.verification import Verifier, claims, content_tokens, strip_markers
 
@@ -297,8 +298,6 @@ async def run_answer_eval(assistant, cases: Sequence[AnswerCase], concurrency: i
 def report(dataset: Path, runs: Sequence[tuple[str, dict, list[RowResult]]], info: dict) -> dict:
     """The JSON report: dataset path and hash, settings ``info`` (engine, model, adapter, index
     version, the documents' hash), and per run its summary and rows."""
-    from finetune.data import sha256_file
-
     return {
         "dataset": str(dataset), "dataset_sha256": sha256_file(dataset), **info,
         "runs": [{"mode": m, "summary": s, "rows": [asdict(r) for r in rows]} for m, s, rows in runs],

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatbot.errors import ChatbotError, ConfigError, InvalidInputError, TooLittleDataError
+from chatbot.errors import ChatbotError, InvalidInputError, TooLittleDataError
+from finetune.adapters import registry
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,6 @@ def train_from_approved(store, settings, report: Report) -> dict:
     Raises:
         InvalidInputError: nothing approved.
         TooLittleDataError: fewer approved conversations than ``train_min_examples``.
-        ConfigError: the fine-tuning module is not available.
     """
     check_trainable(store, settings)
     report(0.02, "exporting approved transcripts")
@@ -272,21 +272,10 @@ def train_from_approved(store, settings, report: Report) -> dict:
 
 
 # =========================================================================================
-# THIN ADAPTER to the fine-tuning module (finetune.sft / finetune.adapters, owned by the
-# fine-tuning work). Everything the console needs from it goes through these functions;
-# change them, and only them, when that API changes.
+# The fine-tuning organ (finetune.sft / finetune.adapters). Everything the console and the CLI need from it goes
+# through these functions; change them, and only them, when that API changes. Its modules import torch, peft and
+# transformers lazily, so importing them here is light.
 # =========================================================================================
-
-
-def _finetune_module(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(f"finetune.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"finetune.{name}":
-            raise ConfigError(f"finetune.{name} is not available in this installation") from exc
-        raise
 
 
 def _adapters_dir(settings) -> Path:
@@ -312,9 +301,8 @@ def adapter_options(settings):
     engine's LoRA rank limit and the ``adapter_gate_*`` tolerances.
 
     Raises:
-        ConfigError: the fine-tuning module is not available, or a setting is out of range.
+        ConfigError: a setting is out of range.
     """
-    registry = _finetune_module("adapters.registry")
     return registry.AdapterOptions(
         adapters_dir=_adapters_dir(settings), model=settings.model, cache_dir=settings.cache_dir,
         max_lora_rank=_serving_max_lora_rank(settings),
@@ -366,14 +354,9 @@ def _finetune_train(data: Path, settings, report: Report) -> dict:
     (least steps, least examples, small-data threshold, evaluation size and reply budget) and the system prompt
     (put into the reference dialogues as into the export); the adapter folder goes into the adapter registry
     folder, named ``approved-<time>``."""
-    sft = _finetune_module("sft")
     name = data.stem
-    config = sft.SFTConfig(base_model=settings.model, system_prompt=settings.system_prompt,
-                           min_steps=settings.train_min_steps, min_examples=settings.train_min_examples,
-                           small_data_threshold=settings.train_small_data_threshold,
-                           max_eval_samples=settings.train_eval_samples, eval_replies=settings.train_eval_replies,
-                           eval_max_new_tokens=settings.train_eval_max_new_tokens)
-    res = sft.train_sft([data], _adapters_dir(settings) / name, config, cache_dir=settings.cache_dir, name=name)
+    res = train_adapter(settings, [data], _adapters_dir(settings) / name, {"system_prompt": settings.system_prompt},
+                        name=name)
     m = dict(res.manifest or {})
     return {"summary": f"trained adapter {m.get('version', name)}: {m.get('summary', '')}".strip(),
             "adapter": m.get("version"), "folder": str(res.out_dir), "run": m.get("run"),
@@ -382,13 +365,10 @@ def _finetune_train(data: Path, settings, report: Report) -> dict:
 
 def list_adapters(settings) -> list[dict]:
     """Trained adapters (:func:`finetune.adapters.registry.list_adapters`) with their evaluation metrics:
-    ``[{"name", "version", "live", "base", **metrics}]``; empty when the module is not available."""
-    try:
-        mod = _finetune_module("adapters.registry")
-    except ConfigError:
-        return []
+    ``[{"name", "version", "live", "base", "metrics"}]`` (``base``: the base model's fingerprint, 12 hex digits;
+    ``metrics``: the scalar ones)."""
     out = []
-    for a in mod.list_adapters(adapter_options(settings)):
+    for a in registry.list_adapters(adapter_options(settings)):
         metrics = {k: v for k, v in (getattr(a, "metrics", None) or {}).items() if not isinstance(v, (dict, list))}
         out.append({"name": getattr(a, "name", ""), "version": getattr(a, "version", ""),
                     "live": bool(getattr(a, "live", False)), "base": (getattr(a, "base_sha256", "") or "")[:12],
@@ -406,13 +386,13 @@ def promote_adapter(settings, name: str, user: str | None = None, via: str = "co
 
     Raises:
         InvalidInputError: no name.
-        ConfigError: the fine-tuning module is not available.
         AdapterError: the load check or the gate refused it, or no such adapter (the message says why).
     """
+    from finetune.adapters import gate
+
     if not name:
         raise InvalidInputError("adapter name must not be empty")
-    decision = _finetune_module("adapters.gate").promote(name, adapter_options(settings), force=force, user=user,
-                                                         via=via)
+    decision = gate.promote(name, adapter_options(settings), force=force, user=user, via=via)
     return {"live": decision.candidate.version, "previous": decision.previous, "gate": decision.lines(),
             "sentences": decision.sentences()}
 
@@ -425,28 +405,93 @@ def rollback_adapter(settings, user: str | None = None, via: str = "console") ->
         ``{"live": version | None}`` (None: the base model).
 
     Raises:
-        ConfigError: the fine-tuning module is not available.
         AdapterError: nothing to roll back to.
     """
-    now = _finetune_module("adapters.registry").rollback(adapter_options(settings), user=user, via=via)
+    now = registry.rollback(adapter_options(settings), user=user, via=via)
     return {"live": now.version if now is not None else None}
 
 
 def adapter_history(settings) -> list[dict]:
     """The audit log of promotions and rollbacks, newest first (:func:`finetune.adapters.registry.read_audit`), each
     with a ``sentence``."""
-    mod = _finetune_module("adapters.registry")
-    return [{**e, "sentence": mod.audit_sentence(e)} for e in reversed(mod.read_audit(adapter_options(settings)))]
+    return [{**e, "sentence": registry.audit_sentence(e)}
+            for e in reversed(registry.read_audit(adapter_options(settings)))]
 
 
 def compare_adapter(settings, name: str, evaluate: bool = True) -> dict:
     """The adapter beside the live model on its held-out dialogues (:func:`finetune.adapters.gate.compare_with_live`;
     with ``evaluate``, evaluates the live adapter once when no cached comparison exists)."""
+    from finetune.adapters import gate
+
     if not name:
         raise InvalidInputError("adapter name must not be empty")
-    return _finetune_module("adapters.gate").compare_with_live(name, adapter_options(settings), evaluate=evaluate)
+    return gate.compare_with_live(name, adapter_options(settings), evaluate=evaluate)
 
 
-__all__ = ["Job", "Jobs", "ingest_paths", "reindex", "save_uploads", "export_approved", "check_trainable", "train_from_approved",
-           "adapter_options", "export_conversation_log", "list_adapters", "promote_adapter", "rollback_adapter",
-           "adapter_history", "compare_adapter", "ChatbotError"]
+def evaluate_adapter(settings, name: str, data: Sequence[str | Path] | None = None, max_samples: int | None = None,
+                     with_base: bool = True) -> dict:
+    """Validation loss, perplexity, ROUGE-L and self-stop rate of adapter ``name`` (and of the base model with
+    ``with_base``) on its own held-out dialogues, or on ``data`` (specs as for training: files, shared sets,
+    ``store``/``store:approved``, exported first); on its own dialogues also beside the live adapter
+    (:func:`finetune.adapters.evaluation.evaluate_adapter`, :func:`finetune.adapters.gate.compare_with_live`).
+
+    Returns:
+        the evaluation (``version``, ``adapter``, ``base``, ...) with ``compare_with_live`` (None with ``data``).
+
+    Raises:
+        AdapterError / NotFoundError: no such adapter. DataError: ``data`` is malformed.
+    """
+    from finetune.adapters import evaluation, gate
+
+    opts = adapter_options(settings)
+    files = export_conversation_log(data, settings) if data else None
+    res = evaluation.evaluate_adapter(name, opts, data=files, max_samples=max_samples, with_base=with_base)
+    cmp = None if data else gate.compare_with_live(name, opts)
+    return {**res, "compare_with_live": cmp}
+
+
+def merge_adapter(settings, name: str, out: str | Path) -> Path:
+    """Write the base model with adapter ``name`` merged in as a full checkpoint at ``out``
+    (:func:`finetune.adapters.export.merge_adapter`); returns the folder."""
+    from finetune.adapters import export
+
+    return export.merge_adapter(name, out, adapter_options(settings))
+
+
+def export_adapter_int8(settings, name: str, out: str | Path, measure: bool = False) -> dict:
+    """Write adapter ``name`` merged and dynamically quantized to int8 for CPU serving at ``out``
+    (:func:`finetune.adapters.export.export_int8`); with ``measure``, the report compares it with the unmerged and
+    the merged fp32 model (``comparison``)."""
+    from finetune.adapters import export
+
+    return export.export_int8(name, out, adapter_options(settings), measure=measure)
+
+
+def train_adapter(settings, data: Sequence[str | Path], out: str | Path, overrides: dict | None = None,
+                  resume: bool = True, name: str | None = None):
+    """LoRA SFT of the chat model on ``data`` (:func:`finetune.sft.train_sft`) into folder ``out``: the configured
+    model and ``train_*`` settings (least steps and examples, small-data threshold, evaluation size and reply
+    budget), then the non-None ``overrides`` (:class:`~finetune.sft.SFTConfig` fields, e.g. from the command
+    line). ``store`` / ``store:approved`` in ``data`` are the conversation log, exported to files first.
+
+    Returns:
+        the :class:`~finetune.sft.TrainResult` (``manifest``, ``out_dir``, ``is_main_process``).
+
+    Raises:
+        DataError / TooLittleDataError: the data is malformed or too small. ConfigError: a bad configuration.
+    """
+    from finetune.sft import SFTConfig, train_sft
+
+    cfg = {"base_model": settings.model, "min_steps": settings.train_min_steps,
+           "min_examples": settings.train_min_examples, "small_data_threshold": settings.train_small_data_threshold,
+           "max_eval_samples": settings.train_eval_samples, "eval_replies": settings.train_eval_replies,
+           "eval_max_new_tokens": settings.train_eval_max_new_tokens}
+    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    files = export_conversation_log(data, settings)
+    return train_sft(files, out, SFTConfig(**cfg), resume=resume, cache_dir=settings.cache_dir, name=name)
+
+
+__all__ = ["Job", "Jobs", "ingest_paths", "reindex", "save_uploads", "export_approved", "check_trainable",
+           "train_from_approved", "adapter_options", "export_conversation_log", "list_adapters", "promote_adapter",
+           "rollback_adapter", "adapter_history", "compare_adapter", "evaluate_adapter", "merge_adapter",
+           "export_adapter_int8", "train_adapter", "ChatbotError"]

@@ -11,26 +11,17 @@ from chatbot.errors import ChatbotError
 
 def cmd_train(args) -> int:
     """LoRA SFT of the chat model on dialogues; writes the adapter folder with its metrics."""
-    from chatbot.operations import export_conversation_log
-    from finetune.sft import SFTConfig, train_sft
+    from chatbot.operations import train_adapter
 
-    s = settings()
-    cfg = {"base_model": args.base_model or s.model, "min_steps": s.train_min_steps,
-           "min_examples": s.train_min_examples, "small_data_threshold": s.train_small_data_threshold,
-           "max_eval_samples": s.train_eval_samples, "eval_replies": s.train_eval_replies,
-           "eval_max_new_tokens": s.train_eval_max_new_tokens}
-    for name in ("method", "epochs", "max_steps", "min_steps", "min_examples", "small_data_threshold", "batch_size",
-                 "grad_accum", "learning_rate", "max_length", "truncation", "lora_r", "lora_alpha", "lora_dropout",
-                 "eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "precision", "seed", "validation", "test", "eval_replies",
-                 "eval_max_new_tokens", "eval_batch_size", "max_eval_samples", "system_prompt", "threads"):
-        v = getattr(args, name, None)
-        if v is not None:
-            cfg[name] = v
-    cfg["gradient_checkpointing"] = args.gradient_checkpointing
-    cfg["keep_checkpoints"] = args.keep_checkpoints
-    data = export_conversation_log(args.data, s)  # `store` / `store:approved`: the conversation log as a file
-    res = train_sft(data, args.out, SFTConfig(**cfg), resume=not args.no_resume, cache_dir=s.cache_dir,
-                    name=args.name)
+    overrides = {name: getattr(args, name, None) for name in (
+        "base_model", "method", "epochs", "max_steps", "min_steps", "min_examples", "small_data_threshold",
+        "batch_size", "grad_accum", "learning_rate", "max_length", "truncation", "lora_r", "lora_alpha",
+        "lora_dropout", "eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "precision", "seed",
+        "validation", "test", "eval_replies", "eval_max_new_tokens", "eval_batch_size", "max_eval_samples",
+        "system_prompt", "threads")}
+    overrides.update(gradient_checkpointing=args.gradient_checkpointing, keep_checkpoints=args.keep_checkpoints)
+    # `store` / `store:approved` in --data: the conversation log, exported to a file first
+    res = train_adapter(settings(), args.data, args.out, overrides, resume=not args.no_resume, name=args.name)
     if not res.is_main_process:
         return 0
     m = res.manifest
@@ -56,34 +47,31 @@ def _adapter_table(rows) -> str:
 def cmd_adapters_list(args) -> int:
     """List the adapters in the registry (the live one marked with *), each non-live one compared with the live
     model (the live adapter, or the base model) on its held-out dialogues where that comparison exists."""
-    from chatbot.operations import adapter_options
-    from finetune.adapters.gate import compare_with_live
-    from finetune.adapters.registry import list_adapters
+    from chatbot.operations import compare_adapter, list_adapters
 
     s = settings()
-    opts = adapter_options(s)
-    rows = list_adapters(opts)
+    rows = list_adapters(s)
     if not rows:
         print(f"no adapters in {s.resolved_adapters_dir}")
         return 0
     print(f"  {'name':<24} {'version':<44} {'val loss':>9} {'ROUGE-L':>8} {'self-stop':>9}  base")
     for a in rows:
-        m = a.metrics
+        m = a["metrics"]
         vl, rl, ss = m.get("val_loss"), m.get("rouge_l"), m.get("self_stop_rate")
-        print(f"{'*' if a.live else ' '} {a.name:<24} {a.version:<44} "
+        print(f"{'*' if a['live'] else ' '} {a['name']:<24} {a['version']:<44} "
               f"{'-' if vl is None else f'{vl:.4f}':>9} {'-' if rl is None else f'{rl:.4f}':>8} "
-              f"{'-' if ss is None else f'{ss:.3f}':>9}  {a.base_sha256[:12]}")
-    live = next((a.version for a in rows if a.live), None)
+              f"{'-' if ss is None else f'{ss:.3f}':>9}  {a['base']}")
+    live = next((a["version"] for a in rows if a["live"]), None)
     print(f"\nlive: {live or 'none (base model)'}")
     for a in rows:
-        if a.live or not any(a.metrics.get(k) is not None for k in ("val_loss", "rouge_l", "self_stop_rate")):
+        if a["live"] or not any(a["metrics"].get(k) is not None for k in ("val_loss", "rouge_l", "self_stop_rate")):
             continue
         try:
-            cmp = compare_with_live(a.path, opts, evaluate=False)
+            cmp = compare_adapter(s, a["version"], evaluate=False)
         except ChatbotError as exc:
-            print(f"\n{a.version}: cannot compare: {exc}")
+            print(f"\n{a['version']}: cannot compare: {exc}")
             continue
-        print(f"\n{a.version} beside the live model:")
+        print(f"\n{a['version']} beside the live model:")
         for line in cmp["sentences"]:
             print(f"  {line}")
     return 0
@@ -92,28 +80,21 @@ def cmd_adapters_list(args) -> int:
 def cmd_adapters_eval(args) -> int:
     """Evaluate an adapter (and the base model) on its own held-out split or on other data, beside the live
     adapter when one is live (same dialogues)."""
-    from chatbot.operations import adapter_options, export_conversation_log
-    from finetune.adapters.evaluation import evaluate_adapter
-    from finetune.adapters.gate import compare_with_live
+    from chatbot.operations import evaluate_adapter
 
-    s = settings()
-    opts = adapter_options(s)
-    data = export_conversation_log(args.data, s) if args.data else None
-    res = evaluate_adapter(args.name, opts, data=data, max_samples=args.max_samples,
+    res = evaluate_adapter(settings(), args.name, data=args.data, max_samples=args.max_samples,
                            with_base=not args.no_base)
     rows = [("base", res["base"])] if res.get("base") else []
-    cmp = None
-    if not args.data:
-        cmp = compare_with_live(args.name, opts)
-        if cmp["reference"] not in ("base", res["version"]) and cmp["reference_metrics"]:
-            rows.append((f"{cmp['reference']} (live)", cmp["reference_metrics"]))
+    cmp = res["compare_with_live"]
+    if cmp is not None and cmp["reference"] not in ("base", res["version"]) and cmp["reference_metrics"]:
+        rows.append((f"{cmp['reference']} (live)", cmp["reference_metrics"]))
     print(_adapter_table(rows + [(res["version"], res["adapter"])]))
     if cmp is not None:
         print()
         for line in cmp["sentences"]:
             print(line)
     if args.json:
-        write_json(args.json, {**res, "compare_with_live": cmp})
+        write_json(args.json, res)
     return 0
 
 
@@ -188,20 +169,18 @@ def cmd_adapters_history(args) -> int:
 
 def cmd_adapters_merge(args) -> int:
     """Write the base model with the adapter merged in, as a full checkpoint."""
-    from chatbot.operations import adapter_options
-    from finetune.adapters.export import merge_adapter
+    from chatbot.operations import merge_adapter
 
-    out = merge_adapter(args.name, args.out, adapter_options(settings()))
+    out = merge_adapter(settings(), args.name, args.out)
     print(f"wrote merged checkpoint to {out}")
     return 0
 
 
 def cmd_adapters_export_int8(args) -> int:
     """Write an int8 (dynamic quantization) CPU checkpoint; optionally measure it against the unmerged model."""
-    from chatbot.operations import adapter_options
-    from finetune.adapters.export import export_int8
+    from chatbot.operations import export_adapter_int8
 
-    report = export_int8(args.name, args.out, adapter_options(settings()), measure=args.measure)
+    report = export_adapter_int8(settings(), args.name, args.out, measure=args.measure)
     if report.get("comparison"):
         c = report["comparison"]
         print(f"{'model':<12} {'val loss':>9} {'ROUGE-L':>8} {'self-stop':>9} {'tok/s':>8} {'size MB':>8}")
