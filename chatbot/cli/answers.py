@@ -19,8 +19,8 @@ def cmd_eval_answers(args) -> int:
     from tqdm import tqdm
 
     from chatbot.answer_eval import format_rows, format_summary, load_answer_set, report, run_answer_eval, summarize
-    from chatbot.service import Assistant
     from chatbot.operations import ingest_paths
+    from chatbot.service import Assistant
 
     s = settings(engine=args.engine)
     cases = load_answer_set(args.dataset)

@@ -8,15 +8,11 @@ from chatbot.cli.common import settings, write_json
 
 
 def _head_config(args, kind: str):
-    from finetune.heads import HeadConfig
+    from chatbot.operations import head_config
 
-    cfg = {"max_length": 64 if kind == "intent" else 128}
-    for name in ("base_model", "method", "epochs", "learning_rate", "batch_size", "max_length", "lora_r",
-                 "lora_alpha", "label_smoothing", "max_steps", "seed", "target_in_scope_accuracy", "threads"):
-        v = getattr(args, name, None)
-        if v is not None:
-            cfg[name] = v
-    return HeadConfig(**cfg)
+    return head_config(kind, {name: getattr(args, name, None) for name in (
+        "base_model", "method", "epochs", "learning_rate", "batch_size", "max_length", "lora_r", "lora_alpha",
+        "label_smoothing", "max_steps", "seed", "target_in_scope_accuracy", "threads")})
 
 
 def _save(head, out: Path, noun: str, args) -> None:
@@ -29,24 +25,22 @@ def _save(head, out: Path, noun: str, args) -> None:
 
 def cmd_train_intents(args) -> int:
     """Fine-tune an intent head, calibrate it, evaluate it on the test split and save it."""
-    from finetune.heads import IntentHead, intent_report
-    from finetune.intent_data import load_intent_splits
+    from chatbot.operations import head_report, load_splits, train_head
 
     allowed = None
     if args.labels:
         src = Path(args.labels)
         allowed = src.read_text().split() if src.is_file() else [x.strip() for x in args.labels.split(",")]
-    splits = load_intent_splits(args.dataset, text_field=args.text_field, label_field=args.label_field,
-                                validation=args.validation, test=args.test, oos_label=args.oos_label,
-                                labels=allowed)
+    splits = load_splits("intent", args.dataset, text_field=args.text_field, label_field=args.label_field,
+                         validation=args.validation, test=args.test, oos_label=args.oos_label, labels=allowed)
     out = Path(args.out or f"var/heads/intent-{splits.name}")
-    head = IntentHead.train(splits, _head_config(args, "intent"), out_dir=None, progress=True)
+    head = train_head("intent", splits, _head_config(args, "intent"))
     val = head.metrics["validation"]
     print(val["report"])
     print(f"validation accuracy {val['accuracy']:.4f}  temperature {head.temperature:.3f}  "
           f"threshold {head.threshold:.4f}")
     if splits.test and not args.no_test:
-        test = intent_report(head, splits.test, progress=True)
+        test = head_report("intent", head, splits.test)
         head.metrics["test"] = test
         print(test["report"])
         line = f"test accuracy {test['accuracy']:.4f}"
@@ -60,17 +54,16 @@ def cmd_train_intents(args) -> int:
 
 def cmd_train_entities(args) -> int:
     """Fine-tune an entity (slot) head from character spans, evaluate on the test split and save it."""
-    from finetune.heads import EntityHead, entity_report
-    from finetune.intent_data import load_entity_splits
+    from chatbot.operations import head_report, load_splits, train_head
 
-    splits = load_entity_splits(args.dataset, validation=args.validation, test=args.test)
+    splits = load_splits("entity", args.dataset, validation=args.validation, test=args.test)
     out = Path(args.out or f"var/heads/entity-{splits.name}")
-    head = EntityHead.train(splits, _head_config(args, "entity"), out_dir=None, progress=True)
+    head = train_head("entity", splits, _head_config(args, "entity"))
     val = head.metrics["validation"]
     print(val["report"])
     print(f"validation micro-F1 {val['micro_f1']:.4f}  span threshold {head.threshold}")
     if splits.test and not args.no_test:
-        test = entity_report(head, splits.test)
+        test = head_report("entity", head, splits.test)
         head.metrics["test"] = test
         print(test["report"])
         print(f"test micro-F1 {test['micro_f1']:.4f}  exact character match {test['exact_char_match']:.4f}")
@@ -80,13 +73,11 @@ def cmd_train_entities(args) -> int:
 
 def cmd_eval_intents(args) -> int:
     """Evaluate an intent head on a split of a dataset: per-label report, OOS metrics, JSON."""
-    from finetune.heads import IntentHead, intent_report
-    from finetune.intent_data import load_intent_splits
+    from chatbot.operations import head_report, load_head, load_splits
 
-    head = IntentHead.load(args.head or settings().intent_head_dir)
-    splits = load_intent_splits(args.dataset, text_field=args.text_field, label_field=args.label_field)
-    rows = getattr(splits, args.split)
-    res = intent_report(head, rows, threshold=args.threshold, progress=True)
+    head = load_head("intent", args.head or settings().intent_head_dir)
+    splits = load_splits("intent", args.dataset, text_field=args.text_field, label_field=args.label_field)
+    res = head_report("intent", head, getattr(splits, args.split), threshold=args.threshold)
     print(res["report"])
     line = f"{args.dataset} {args.split}: accuracy {res['accuracy']:.4f} (n={res['n']})"
     if res.get("oos_recall") is not None or res.get("in_scope_accuracy") is not None:
@@ -101,12 +92,11 @@ def cmd_eval_intents(args) -> int:
 
 def cmd_eval_entities(args) -> int:
     """Evaluate an entity head on a split of a dataset (seqeval report, JSON)."""
-    from finetune.heads import EntityHead, entity_report
-    from finetune.intent_data import load_entity_splits
+    from chatbot.operations import head_report, load_head, load_splits
 
-    head = EntityHead.load(args.head or settings().entity_head_dir)
-    splits = load_entity_splits(args.dataset)
-    res = entity_report(head, getattr(splits, args.split), threshold=args.threshold)
+    head = load_head("entity", args.head or settings().entity_head_dir)
+    splits = load_splits("entity", args.dataset)
+    res = head_report("entity", head, getattr(splits, args.split), threshold=args.threshold)
     print(res["report"])
     print(f"{args.dataset} {args.split}: micro-F1 {res['micro_f1']:.4f}  exact character match "
           f"{res['exact_char_match'] or 0:.4f} (n={res['n']})")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from chatbot.cli.common import settings, write_json
-from chatbot.errors import InvalidInputError
 
 
 def cmd_ingest(args) -> int:
@@ -22,45 +21,26 @@ def cmd_ingest(args) -> int:
 
 def cmd_render_kb(args) -> int:
     """Render the ABCD policy guidelines into Markdown documents."""
-    from retrieval.abcd import render_abcd_guidelines
+    from chatbot.operations import render_guidelines
 
-    paths = render_abcd_guidelines(Path(args.source), Path(args.out))
+    paths = render_guidelines(args.source, args.out)
     print(f"wrote {len(paths)} documents to {args.out}")
     return 0
 
 
 def cmd_eval_retrieval(args) -> int:
     """Score dense, BM25 and hybrid retrieval on a labelled dataset: a table on stdout, optionally JSON."""
+    from chatbot.operations import evaluate_retrieval, retrieval_table
 
-    from chatbot.options import build_embedder, search_options
-    from retrieval.evaluate import format_table, load_dstc11_track5, load_jsonl, run_eval
-    from retrieval.loaders import load_paths
-
-    s = settings()
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if args.dataset == "dstc11_track5":
-        root = Path(args.data_root) / "dstc11_track5" if args.data_root else None
-        evalset = load_dstc11_track5(root, with_context=args.with_context, context_turns=args.context_turns)
-        index_dir = args.index_dir or s.data_dir / "eval" / "dstc11_track5"
-    else:
-        path = Path(args.dataset)
-        if not path.is_file():
-            raise InvalidInputError(f"--dataset must be dstc11_track5 or a JSONL file, got {args.dataset!r}")
-        evalset = load_jsonl(path)
-        index_dir = args.index_dir or s.index_dir
-        if args.docs:
-            evalset.documents, skipped = load_paths(args.docs, show_progress=True)
-            for sk in skipped:
-                print(f"skipped {sk.path}: {sk.reason}")
-            index_dir = args.index_dir or s.data_dir / "eval" / path.stem
-    if args.limit:
-        evalset.queries = evalset.queries[: args.limit]
-    res = run_eval(evalset, build_embedder(s), Path(index_dir), search_options(s), modes, chunk_tokens=s.chunk_tokens,
-                   chunk_overlap=s.chunk_overlap, show_progress=True)
+    res = evaluate_retrieval(settings(), args.dataset, [m.strip() for m in args.modes.split(",") if m.strip()],
+                             docs=args.docs, index_dir=args.index_dir, data_root=args.data_root,
+                             with_context=args.with_context, context_turns=args.context_turns, limit=args.limit)
+    for line in res.pop("skipped"):
+        print(f"skipped {line}")
     ctx = " with context" if res["info"].get("with_context") else ""
     print(f"{res['dataset']}{ctx}: {res['queries']} queries over {res['chunks']} chunks "
           f"({res['index']['kind']} index {res['index_version']} at {res['index_dir']})")
-    print(format_table(res["results"]))
+    print(retrieval_table(res["results"]))
     if args.json:
         write_json(args.json, res)
     return 0

@@ -1,219 +1,24 @@
-"""Operator actions behind the console: background jobs with progress, re-indexing, training from
-approved transcripts, and adapter promotion / rollback.
+"""Training the chat model and its adapters: the conversation log exported for training, LoRA SFT, the adapter
+registry (list, compare, evaluate, promote, roll back, history) and exports (merged, int8).
 
-Jobs run in a thread each (one job of a kind at a time) and report ``progress`` in
-[0, 1] and a message; the console polls :meth:`Jobs.list`. Re-indexing calls
-:func:`retrieval.ingest.ingest`; its tqdm bars are read while it runs to show how
-far embedding has got. Training and adapters go through the thin adapter section at
-the bottom (the only place that knows the fine-tuning module's API).
+The fine-tuning organ (:mod:`finetune.sft`, :mod:`finetune.adapters`) is reached only here: everything the console
+and the CLI need from it goes through these functions, so they change, and only they, when its API changes. Its
+modules import torch, peft and transformers lazily, so importing the registry here is light.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
-import shutil
-import threading
-import time
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
-from chatbot.errors import ChatbotError, InvalidInputError, TooLittleDataError
+from chatbot.errors import InvalidInputError, TooLittleDataError
+from chatbot.operations.jobs import Report, TqdmWatcher
 from finetune.adapters import registry
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[float, str], None]
-
-
-@dataclass
-class Job:
-    """A background operator job.
-
-    Attributes:
-        kind: ``reindex`` | ``train`` | ...
-        status: ``running`` | ``done`` | ``failed``.
-        progress: fraction done in [0, 1].
-        message: the latest progress message (or the error).
-        result: what the job returned (JSON-able) when done.
-    """
-
-    id: str
-    kind: str
-    user: str | None
-    status: str = "running"
-    progress: float = 0.0
-    message: str = "starting"
-    started_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-    result: dict | None = None
-
-    def as_dict(self) -> dict:
-        end = self.finished_at or time.time()
-        return {"id": self.id, "kind": self.kind, "user": self.user, "status": self.status,
-                "progress": round(self.progress, 4), "message": self.message,
-                "started_at": _dt.datetime.fromtimestamp(self.started_at, _dt.timezone.utc).isoformat(),
-                "elapsed_s": round(end - self.started_at, 1), "result": self.result}
-
-
-class Jobs:
-    """Background jobs of one app (kept in memory; the newest 50)."""
-
-    def __init__(self) -> None:
-        self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
-
-    def start(self, kind: str, fn: Callable[[Report], dict | None], user: str | None = None) -> Job:
-        """Run ``fn(report)`` in a thread as a job of ``kind``.
-
-        Raises:
-            InvalidInputError: a job of this kind is still running.
-        """
-        with self._lock:
-            for j in self._jobs.values():
-                if j.kind == kind and j.status == "running":
-                    raise InvalidInputError(f"a {kind} job ({j.id}) is still running; wait for it to finish")
-            job = Job(uuid.uuid4().hex[:12], kind, user)
-            self._jobs[job.id] = job
-            while len(self._jobs) > 50:
-                self._jobs.pop(next(iter(self._jobs)))
-
-        def report(progress: float, message: str) -> None:
-            job.progress = min(1.0, max(job.progress, float(progress)))
-            job.message = message
-
-        def run() -> None:
-            try:
-                job.result = fn(report) or {}
-                job.status, job.progress = "done", 1.0
-                job.message = job.result.get("summary", "done") if isinstance(job.result, dict) else "done"
-            except Exception as exc:  # a job's failure is shown in the console, not raised anywhere
-                log.exception("%s job %s failed", kind, job.id)
-                job.status, job.message = "failed", f"{type(exc).__name__}: {exc}"
-            finally:
-                job.finished_at = time.time()
-
-        threading.Thread(target=run, name=f"job-{kind}-{job.id}", daemon=True).start()
-        return job
-
-    def get(self, job_id: str) -> Job | None:
-        """The job with this id, or None."""
-        return self._jobs.get(job_id)
-
-    def list(self, kind: str | None = None) -> list[Job]:
-        """Jobs, newest first (only of ``kind`` when given)."""
-        jobs = [j for j in self._jobs.values() if kind is None or j.kind == kind]
-        return sorted(jobs, key=lambda j: j.started_at, reverse=True)
-
-    def wait(self, job_id: str, timeout: float = 600.0) -> Job:
-        """Block until the job has finished (tests, CLI).
-
-        Raises:
-            TimeoutError: still running after ``timeout`` seconds.
-        """
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            j = self._jobs[job_id]
-            if j.status != "running":
-                return j
-            time.sleep(0.1)
-        raise TimeoutError(f"job {job_id} still running after {timeout} s")
-
-
-class _TqdmWatcher:
-    """Reads the progress of the tqdm bars that are open while a job runs (no callback needed)."""
-
-    def __init__(self, report: Report, lo: float, hi: float, label: str) -> None:
-        self.report, self.lo, self.hi, self.label = report, lo, hi, label
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from tqdm import tqdm
-
-        while not self._stop.wait(0.3):
-            bars = [b for b in list(getattr(tqdm, "_instances", [])) if getattr(b, "total", None)]
-            if not bars:
-                continue
-            b = bars[-1]
-            frac = min(1.0, b.n / b.total) if b.total else 0.0
-            desc = (b.desc or self.label).rstrip(": ")
-            self.report(self.lo + (self.hi - self.lo) * frac, f"{desc}: {b.n}/{b.total}")
-
-    def __enter__(self) -> "_TqdmWatcher":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join(timeout=2)
-
-
-# ---------------------------------------------------------------------------------------- re-index
-
-
-def save_uploads(files: Sequence[str | Path], uploads_dir: Path) -> list[Path]:
-    """Copy uploaded files into ``uploads_dir`` (names kept; an existing file of the same name is replaced).
-
-    Raises:
-        InvalidInputError: no files, or a file does not exist.
-    """
-    if not files:
-        raise InvalidInputError("upload at least one document")
-    uploads_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    for f in files:
-        src = Path(f)
-        if not src.is_file():
-            raise InvalidInputError(f"uploaded file {str(src)!r} does not exist")
-        dst = uploads_dir / src.name
-        shutil.copyfile(src, dst)
-        out.append(dst)
-    return out
-
-
-def ingest_paths(settings, paths: Sequence[str | Path], embedder=None, index_dir: Path | None = None,
-                 sync: bool = False, show_progress: bool = True):
-    """Ingest files and folders into an index with the configured chunking and index options
-    (:func:`retrieval.ingest.ingest`): ``index_dir`` (default the published ``settings.index_dir``), ``embedder``
-    (default :func:`chatbot.options.build_embedder`); with ``sync``, documents gone from these folders are removed.
-
-    Returns:
-        the :class:`retrieval.ingest.IngestReport` (``summary()``, ``version``, ``skipped``, counts).
-
-    Raises:
-        DocumentNotFoundError: a path does not exist.
-        RetrievalError: a document or setting cannot be indexed.
-    """
-    from chatbot.options import build_embedder, index_options
-    from retrieval.ingest import ingest
-
-    return ingest(list(paths), Path(index_dir or settings.index_dir), embedder or build_embedder(settings),
-                  settings.chunk_tokens, settings.chunk_overlap, sync=sync, show_progress=show_progress,
-                  index_options=index_options(settings))
-
-
-def reindex(settings, embedder, paths: Sequence[Path], report: Report, sync: bool = False) -> dict:
-    """Ingest ``paths`` into the published index (a new version when anything changed).
-
-    The running server's retriever switches to the new version on its next search.
-
-    Returns:
-        ``{"summary", "version", "published", "added", "updated", "removed", "chunks_total",
-        "chunks_embedded", "skipped"}``.
-    """
-    report(0.05, f"reading {len(paths)} path(s)")
-    with _TqdmWatcher(report, 0.1, 0.95, "embedding"):
-        rep = ingest_paths(settings, paths, embedder, sync=sync, show_progress=True)
-    report(1.0, rep.summary())
-    return {"summary": rep.summary(), "version": rep.version, "published": rep.published, "added": rep.added,
-            "updated": rep.updated, "removed": rep.removed, "chunks_total": rep.chunks_total,
-            "chunks_embedded": rep.chunks_embedded, "skipped": [f"{s.path}: {s.reason}" for s in rep.skipped]}
-
-
-# ---------------------------------------------------------------------------------------- training
 
 
 def export_approved(store, settings, out_dir: Path | None = None) -> tuple[Path, int]:
@@ -264,18 +69,13 @@ def train_from_approved(store, settings, report: Report) -> dict:
     report(0.02, "exporting approved transcripts")
     path, n = export_approved(store, settings)
     report(0.05, f"{n} approved conversation(s) in {path.name}; training")
-    with _TqdmWatcher(report, 0.05, 0.95, "training"):
+    with TqdmWatcher(report, 0.05, 0.95, "training"):
         result = _finetune_train(path, settings, report)
     result = dict(result or {})
     result.setdefault("summary", f"trained on {n} approved conversation(s)")
     return {"data": str(path), "examples": n, **result}
 
 
-# =========================================================================================
-# The fine-tuning organ (finetune.sft / finetune.adapters). Everything the console and the CLI need from it goes
-# through these functions; change them, and only them, when that API changes. Its modules import torch, peft and
-# transformers lazily, so importing them here is light.
-# =========================================================================================
 
 
 def _adapters_dir(settings) -> Path:
@@ -489,9 +289,3 @@ def train_adapter(settings, data: Sequence[str | Path], out: str | Path, overrid
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
     files = export_conversation_log(data, settings)
     return train_sft(files, out, SFTConfig(**cfg), resume=resume, cache_dir=settings.cache_dir, name=name)
-
-
-__all__ = ["Job", "Jobs", "ingest_paths", "reindex", "save_uploads", "export_approved", "check_trainable",
-           "train_from_approved", "adapter_options", "export_conversation_log", "list_adapters", "promote_adapter",
-           "rollback_adapter", "adapter_history", "compare_adapter", "evaluate_adapter", "merge_adapter",
-           "export_adapter_int8", "train_adapter", "ChatbotError"]
