@@ -33,6 +33,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_build_sft(args) -> int:
+    """Build a retrieval-format SFT set (the service's prompt, passages, a cited reply or the abstention)."""
+    from chatbot.config import PROJECT_ROOT
+    from chatbot.grounded import GroundedOptions
+    from chatbot.operations import build_grounded
+
+    s = settings()
+    exclude = [] if args.no_exclude else (args.exclude or [p for p in [PROJECT_ROOT / "data" / "eval"] if p.exists()])
+    options = GroundedOptions(passages=args.passages or s.top_k, unanswerable=args.unanswerable,
+                              validation=args.validation, seed=args.seed)
+    m = build_grounded(s, args.out, dataset=args.dataset, qa=args.qa, docs=args.docs, exclude=exclude,
+                       options=options, history_turns=args.history_turns, limit=args.limit)
+    c = m["counts"]
+    excluded = ", ".join(f"{n} ({why})" for why, n in c["excluded"].items()) or "none"
+    print(f"{c['cases']} cases; excluded {excluded}; gold passages did not fit the prompt: {c['no_fit']}")
+    for split in ("train", "heldout"):
+        print(f"{split}: {c[split]['answerable']} answerable + {c[split]['unanswerable']} unanswerable examples "
+              f"({m['files'][split]['path']}, sha256 {m['files'][split]['sha256'][:12]})")
+    print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
 def _adapter_table(rows) -> str:
     def f(v, spec=".4f"):
         return "-" if v is None else format(v, spec)
@@ -237,6 +259,28 @@ def register(sub, eval_targets) -> None:
     sp.add_argument("--keep-checkpoints", action="store_true")
     sp.add_argument("--json", type=Path, help="also write adapter.json here")
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("build-sft", help="build a retrieval-format SFT set: the service's prompt with gold passages "
+                        "among retrieved distractors and a cited reply, or without them and the abstention")
+    sp.add_argument("--grounded", action="store_true", required=True,
+                    help="retrieval-format examples (the only kind so far)")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=["dstc11_track5"], help="a shared set with gold passages and replies")
+    src.add_argument("--qa", type=Path, help='JSONL of {"id", "question", "reply", "gold": [doc ids], "history"?}')
+    sp.add_argument("--docs", nargs="+", type=Path, help="with --qa: the documents the replies come from")
+    sp.add_argument("--out", type=Path, required=True, help="folder for train.jsonl, heldout.jsonl, manifest.json")
+    sp.add_argument("--passages", type=int, help="passages per prompt (default: CHATBOT_TOP_K)")
+    sp.add_argument("--unanswerable", type=float, default=0.2, help="share of cases that also give an "
+                    "unanswerable example (gold removed, the abstention)")
+    sp.add_argument("--validation", type=float, default=0.1, help="share of cases held out (by case id)")
+    sp.add_argument("--history-turns", type=int, default=0, help="earlier turns kept in the prompt (training "
+                    "learns every assistant turn, so 0 keeps the loss on the grounded reply)")
+    sp.add_argument("--seed", type=int, default=13)
+    sp.add_argument("--limit", type=int, help="only the first N cases")
+    sp.add_argument("--exclude", nargs="+", type=Path, help="dev sets never to train on: their questions "
+                    "(*.jsonl) and documents (*.md, *.txt, *.html); default data/eval")
+    sp.add_argument("--no-exclude", action="store_true", help="exclude nothing")
+    sp.set_defaults(func=cmd_build_sft)
 
     ad = sub.add_parser("adapters", help="list, evaluate, promote, roll back, merge or export chat adapters")
     asub = ad.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -29,6 +29,7 @@ from chatbot.operations.adapters import (
     train_adapter,
     train_from_approved,
 )
+from chatbot.operations.grounded import build_grounded
 from chatbot.operations.heads import head_config, head_report, load_head, load_splits, train_head
 from chatbot.operations.jobs import Job, Jobs, Report, TqdmWatcher
 from chatbot.operations.knowledge import (
@@ -42,7 +43,7 @@ from chatbot.operations.knowledge import (
 
 __all__ = ["ChatbotError", "Job", "Jobs", "Report", "STORE_SPECS", "TqdmWatcher", "adapter_history",
            "adapter_options", "check_trainable", "compare_adapter", "evaluate_adapter", "evaluate_retrieval",
-           "export_adapter_int8", "export_approved", "export_conversation_log", "head_config", "head_report",
+           "build_grounded", "export_adapter_int8", "export_approved", "export_conversation_log", "head_config", "head_report",
            "ingest_paths", "list_adapters", "load_head", "load_splits", "merge_adapter", "promote_adapter", "reindex",
            "render_guidelines", "retrieval_table", "rollback_adapter", "save_uploads", "train_adapter",
            "train_from_approved", "train_head"]

@@ -1,0 +1,305 @@
+"""Retrieval-format SFT examples: the prompt the service sends, and a reply that uses only the passages and cites
+them as ``[n]`` (issue 15).
+
+Each example is a chat dialogue ``{"id", "messages": [system, *history, user, assistant], "meta"}``:
+
+* the system message is what :func:`chatbot.prompts.build_prompt` builds for the service (the same function,
+  the configured system prompt, numbered fenced passages, the same token budget);
+* the passages are the case's gold passages placed among the retriever's own top-k distractors, in a shuffled
+  order (so the model learns to find the answer, not a position);
+* the reply is the reference reply (written from the gold passages) with the gold passages' numbers as citation
+  markers, placed as the service's verified replies place them: ``... per order [2].``;
+* an *unanswerable* example is the same question with the gold passages (and every chunk of their documents)
+  removed; its reply is the service's abstention (``Settings.abstain_message``), which offers a person.
+
+Cases whose question is in a dev set, or whose gold passage text appears in a dev set's documents, are left out
+(:class:`Exclusions`), so a model trained on the set is never evaluated on what it saw.
+
+The recipe follows retrieval-augmented fine-tuning with distractor documents (Zhang et al., "RAFT: Adapting
+Language Model to Domain Specific RAG", 2024): gold passages among retrieved distractors, and a share of
+examples where the gold passage is absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from chatbot.engines.base import ChatMessage
+from chatbot.errors import InvalidInputError
+from chatbot.jsonl import iter_jsonl
+from chatbot.prompts import build_prompt
+from chatbot.verification import sanitize_passage
+from retrieval.documents import Hit
+
+log = logging.getLogger(__name__)
+
+#: Search: ``(query, top_k) -> hits, best first`` (the retriever's ``search``).
+Search = Callable[[str, int], list[Hit]]
+
+
+@dataclass(frozen=True)
+class GroundedCase:
+    """One question answered from passages.
+
+    Attributes:
+        id: unique within its source.
+        question: the customer's message.
+        reply: the reference reply, written from the gold passages (no citation markers).
+        gold: the passages that answer it (``doc_id`` identifies each; the text is what the model is shown).
+        history: earlier messages of the conversation, oldest first (user first).
+        source: where the case comes from (``dstc11_track5``, a file name).
+    """
+
+    id: str
+    question: str
+    reply: str
+    gold: tuple[Hit, ...]
+    history: tuple[ChatMessage, ...] = ()
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class GroundedOptions:
+    """How examples are made.
+
+    Attributes:
+        passages: passages in each prompt (the service's ``top_k``), >= 1.
+        unanswerable: share of cases that also give an unanswerable example, in [0, 1].
+        validation: share of cases held out (by case id), in [0, 1).
+        seed: for the passage order and the unanswerable draw (each case's draw depends only on it and its id).
+        candidates: hits searched per case to find distractors outside the gold documents (>= ``passages``).
+    """
+
+    passages: int = 3
+    unanswerable: float = 0.2
+    validation: float = 0.1
+    seed: int = 13
+    candidates: int = 20
+
+    def __post_init__(self) -> None:
+        if self.passages < 1:
+            raise InvalidInputError(f"passages must be >= 1, got {self.passages}")
+        if not 0.0 <= self.unanswerable <= 1.0:
+            raise InvalidInputError(f"unanswerable must be in [0, 1], got {self.unanswerable}")
+        if not 0.0 <= self.validation < 1.0:
+            raise InvalidInputError(f"validation must be in [0, 1), got {self.validation}")
+        if self.candidates < self.passages:
+            raise InvalidInputError(f"candidates must be >= passages ({self.passages}), got {self.candidates}")
+
+
+def normalize(text: str) -> str:
+    """Lower case, NFKC, runs of whitespace and punctuation as one space: for matching dev-set text."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(re.sub(r"[^\w]+", " ", text).split())
+
+
+@dataclass
+class Exclusions:
+    """What must not be trained on: dev-set questions and the documents built from their answers.
+
+    Attributes:
+        questions: normalized dev-set questions.
+        documents: normalized dev-set document texts.
+        min_passage_chars: a gold passage shorter than this (normalized) is not matched against documents
+            (a short sentence such as "yes" would match anything).
+    """
+
+    questions: set[str] = field(default_factory=set)
+    documents: list[str] = field(default_factory=list)
+    min_passage_chars: int = 20
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[str | Path]) -> Exclusions:
+        """Every ``*.jsonl`` file under ``paths`` gives questions (its ``query`` or ``question`` field), every
+        ``*.md`` / ``*.txt`` / ``*.html`` file gives a document.
+
+        Raises:
+            InvalidInputError: a path does not exist. DataError: a JSONL line is malformed.
+        """
+        ex = cls()
+        for p in map(Path, paths):
+            if not p.exists():
+                raise InvalidInputError(f"exclusion path {str(p)!r} does not exist")
+            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+            for f in files:
+                if f.suffix == ".jsonl":
+                    for _, row in iter_jsonl(f):
+                        q = row.get("query") or row.get("question")
+                        if isinstance(q, str) and q.strip():
+                            ex.questions.add(normalize(q))
+                elif f.suffix in (".md", ".txt", ".html"):
+                    ex.documents.append(normalize(f.read_text(encoding="utf-8", errors="replace")))
+        return ex
+
+    def reason(self, case: GroundedCase) -> str | None:
+        """Why ``case`` must be left out (``"dev question"``, ``"dev document"``), or None."""
+        if normalize(case.question) in self.questions:
+            return "dev question"
+        for h in case.gold:
+            t = normalize(h.text)
+            if len(t) >= self.min_passage_chars and any(t in d for d in self.documents):
+                return "dev document"
+        return None
+
+
+def with_citations(reply: str, numbers: Sequence[int]) -> str:
+    """``reply`` with ``[n]`` markers for ``numbers`` at the end of its first sentence, before the punctuation, as
+    the service's verified replies carry them: ``"It costs $8.00 per order. Anything else?"``, ``[2]`` ->
+    ``"It costs $8.00 per order [2]. Anything else?"``. (Reference replies state the answer first and often end
+    with a follow-up question, which the passages do not support.)"""
+    reply = reply.strip()
+    if not numbers:
+        return reply
+    marks = "".join(f"[{n}]" for n in sorted(set(numbers)))
+    m = re.search(r"[.!?…]+[\"')\]]*(?=\s|$)", reply)
+    if m:
+        return f"{reply[:m.start()].rstrip()} {marks}{reply[m.start():]}"
+    return f"{reply} {marks}"
+
+
+def _case_rng(seed: int, case_id: str) -> random.Random:
+    digest = hashlib.sha256(f"{seed}\0{case_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def held_out(case_id: str, share: float, seed: int) -> bool:
+    """Whether a case belongs to the held-out split: a stable function of its id (``share`` of ids)."""
+    if share <= 0:
+        return False
+    digest = hashlib.sha256(f"split\0{seed}\0{case_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+class GroundedBuilder:
+    """Makes retrieval-format examples from :class:`GroundedCase` s.
+
+    Args:
+        search: the retriever's search over the same collection as the gold passages, for distractors.
+        system_prompt: the service's system prompt (``Settings.system_prompt``).
+        abstain_message: the service's abstention (``Settings.abstain_message``).
+        count_tokens: tokens of a message list under the chat model's template (``Engine.count_prompt_tokens``).
+        budget_tokens: ``max_model_len - max_new_tokens``, as the service passes to :func:`build_prompt`.
+        options: see :class:`GroundedOptions`.
+    """
+
+    def __init__(self, search: Search, system_prompt: str, abstain_message: str,
+                 count_tokens: Callable[[list[ChatMessage]], int], budget_tokens: int,
+                 options: GroundedOptions | None = None) -> None:
+        self.search = search
+        self.system_prompt = system_prompt
+        self.abstain_message = abstain_message
+        self.count_tokens = count_tokens
+        self.budget_tokens = budget_tokens
+        self.options = options or GroundedOptions()
+
+    def _distractors(self, case: GroundedCase) -> list[Hit]:
+        gold_docs = {h.doc_id for h in case.gold}
+        return [h for h in self.search(case.question, self.options.candidates) if h.doc_id not in gold_docs]
+
+    def _example(self, case: GroundedCase, passages: list[Hit], answerable: bool) -> dict | None:
+        # as the service prompts them: sentences addressed to the assistant are an injection, never prompted
+        passages = [replace(h, text=sanitize_passage(h.text)) for h in passages]
+        prompt = build_prompt(self.system_prompt, case.question, passages, list(case.history), self.count_tokens,
+                              self.budget_tokens)
+        gold_docs = {h.doc_id for h in case.gold}
+        numbers = [i for i, h in enumerate(prompt.hits, 1) if h.doc_id in gold_docs]
+        if answerable and not numbers:
+            return None  # the gold passages did not fit the budget
+        reply = with_citations(case.reply, numbers) if answerable else self.abstain_message
+        kind = "answerable" if answerable else "unanswerable"
+        return {
+            "id": f"{case.id}:{kind[0]}",
+            "messages": [m.as_dict() for m in prompt.messages] + [{"role": "assistant", "content": reply}],
+            "meta": {"source": case.source, "case": case.id, "kind": kind, "gold_numbers": numbers,
+                     "passages": [h.doc_id for h in prompt.hits], "history_kept": prompt.history_kept},
+        }
+
+    def examples(self, case: GroundedCase) -> list[dict]:
+        """The case's answerable example (gold among distractors, shuffled) and, for a share of cases, its
+        unanswerable one (distractors only, the abstention). Empty when the gold passages cannot fit.
+
+        Raises:
+            InvalidInputError: the case has no gold passage.
+        """
+        if not case.gold:
+            raise InvalidInputError(f"case {case.id!r} has no gold passage")
+        o = self.options
+        rng = _case_rng(o.seed, case.id)
+        distractors = self._distractors(case)
+        gold = list(case.gold[: o.passages])
+        passages = gold + distractors[: o.passages - len(gold)]
+        rng.shuffle(passages)
+        out = []
+        ex = self._example(case, passages, answerable=True)
+        if ex is not None:
+            out.append(ex)
+        if rng.random() < o.unanswerable and distractors:
+            ex = self._example(case, distractors[: o.passages], answerable=False)
+            if ex is not None:
+                out.append(ex)
+        return out
+
+
+def build_grounded_set(cases: Iterable[GroundedCase], builder: GroundedBuilder, out_dir: str | Path,
+                       exclusions: Exclusions | None = None, sources: Sequence[dict] = ()) -> dict:
+    """Write ``train.jsonl`` and ``heldout.jsonl`` (chat JSONL, the format ``chatbot train`` reads) and
+    ``manifest.json`` (sources, options, counts, what was excluded and why, the files' SHA-256) into ``out_dir``.
+
+    A case's examples all go to one split (held out by case id, :func:`held_out`).
+
+    Returns:
+        The manifest.
+
+    Raises:
+        InvalidInputError: no example could be made.
+    """
+    from chatbot.hashing import sha256_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    o = builder.options
+    counts = {"cases": 0, "excluded": {}, "no_fit": 0, "train": {"answerable": 0, "unanswerable": 0},
+              "heldout": {"answerable": 0, "unanswerable": 0}}
+    splits: dict[str, list[dict]] = {"train": [], "heldout": []}
+    for case in cases:
+        counts["cases"] += 1
+        why = exclusions.reason(case) if exclusions is not None else None
+        if why:
+            counts["excluded"][why] = counts["excluded"].get(why, 0) + 1
+            continue
+        exs = builder.examples(case)
+        if not exs:
+            counts["no_fit"] += 1
+            continue
+        split = "heldout" if held_out(case.id, o.validation, o.seed) else "train"
+        for ex in exs:
+            counts[split][ex["meta"]["kind"]] += 1
+        splits[split].extend(exs)
+    if not splits["train"]:
+        raise InvalidInputError(f"no training example could be made from {counts['cases']} case(s): {counts}")
+    files = {}
+    for name, rows in splits.items():
+        path = out_dir / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        files[name] = {"path": path.name, "examples": len(rows), "sha256": sha256_file(path)}
+    manifest = {
+        "kind": "grounded-sft",
+        "sources": list(sources),
+        "options": {"passages": o.passages, "unanswerable": o.unanswerable, "validation": o.validation,
+                    "seed": o.seed, "candidates": o.candidates, "budget_tokens": builder.budget_tokens},
+        "system_prompt_sha256": hashlib.sha256(builder.system_prompt.encode()).hexdigest(),
+        "abstain_message": builder.abstain_message,
+        "counts": counts,
+        "files": files,
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    log.info("grounded set: %s", counts)
+    return manifest
