@@ -12,7 +12,7 @@ import asyncio
 import logging
 
 from chatbot.errors import AdapterError, ChatbotError
-from chatbot.operations import adapter_options
+from chatbot.options import adapter_options
 from finetune.adapters.registry import AdapterRecord, list_adapters, live_pointer_mtime, read_live
 from chatbot.hashing import model_fingerprint
 

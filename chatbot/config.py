@@ -215,6 +215,25 @@ class Settings(BaseSettings):
     adapter_gate_max_self_stop_drop: float = Field(
         default=0.02, ge=0.0, description="Promotion gate: test self-stop rate may fall below the live one's by this."
     )
+    adapter_gate_answers: bool = Field(
+        default=False,
+        description="Promotion gate on answers: before an adapter goes live, the candidate and the live model "
+                    "answer adapter_gate_answers_dataset through the turn pipeline; it is refused when it lowers "
+                    "correct or K-Precision, or raises the unsupported-claim rate, by more than the tolerances.",
+    )
+    adapter_gate_answers_dataset: Path = Field(
+        default=PROJECT_ROOT / "data" / "eval" / "kb" / "questions.jsonl",
+        description="Answer set the answer gate runs (the format of `chatbot eval answers`).",
+    )
+    adapter_gate_answers_limit: int = Field(default=20, ge=1, description="Answer gate: the first N questions.")
+    adapter_gate_answers_mode: Literal["generate", "verified", "extractive"] = Field(
+        default="generate", description="Answer gate: the answer mode (generate judges the model itself).")
+    adapter_gate_max_correct_drop: float = Field(default=0.02, ge=0.0, le=1.0,
+                                                 description="Answer gate: correct may fall by this.")
+    adapter_gate_max_k_precision_drop: float = Field(default=0.02, ge=0.0, le=1.0,
+                                                     description="Answer gate: K-Precision may fall by this.")
+    adapter_gate_max_unsupported_increase: float = Field(
+        default=0.02, ge=0.0, le=1.0, description="Answer gate: the unsupported-claim rate may rise by this.")
     company_fields: dict[str, str] = Field(
         default_factory=lambda: dict(COMPANY_FIELDS),
         description="Values of the [[field]] markers a fine-tuned reply writes (chatbot.company); JSON in the env.",

@@ -538,6 +538,8 @@ def build_operator_ui(get_assistant: Callable[[], object], console: Callable[[],
             raise gr.Error(f"Not promoted: {exc}") from exc
         await a.adapters.sync(a.engine)  # this server switches now (vLLM without LoRA: in the background)
         body = "\n".join(f"- {line}" for line in out["sentences"])
+        if out.get("answer_gate"):  # the side-by-side table of the answer gate
+            body += "\n\n" + out["answer_gate"]["table"]
         return (f"**Promoted {out['live']}** (was {out['previous'] or 'the base model'}), by {user.username}.\n\n"
                 f"{body}\n\n{served_line()}")
 

@@ -3,6 +3,7 @@ adapters."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from chatbot.cli.common import settings, write_json
@@ -141,9 +142,11 @@ def cmd_adapters_promote(args) -> int:
     from chatbot.operations import promote_adapter
 
     s = settings()
-    res = promote_adapter(s, args.name, force=args.force, via="cli")
+    res = promote_adapter(s, args.name, force=args.force, via="cli", judge_answers=args.judge_answers)
     for line in res["sentences"]:
         print(line)
+    if res.get("answer_gate"):
+        print(res["answer_gate"]["table"])
     print(f"live adapter is now {res['live']} (was {res['previous'] or 'none (base model)'})")
     if not args.no_check:
         print(_served_status(args.url or f"http://{s.host}:{s.port}"))
@@ -296,7 +299,11 @@ def register(sub, eval_targets) -> None:
     sp = asub.add_parser("promote", help="make an adapter live (refused when worse than the live one)")
     sp.add_argument("name", help="adapter name in the registry, or its folder")
     sp.add_argument("--force", action="store_true",
-                    help="skip the metric gate (never the base-model and load checks)")
+                    help="promote although the metric or the answer gate refuses (logged; never skips the base-model "
+                    "and load checks)")
+    sp.add_argument("--judge-answers", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the answer gate first: the candidate and the live model answer "
+                    "CHATBOT_ADAPTER_GATE_ANSWERS_DATASET (default: CHATBOT_ADAPTER_GATE_ANSWERS)")
     sp.add_argument("--url", help="server to ask what it serves afterwards (default: http://HOST:PORT of settings)")
     sp.add_argument("--no-check", action="store_true", help="do not ask the server what it serves")
     sp.set_defaults(func=cmd_adapters_promote)

@@ -16,12 +16,14 @@ from chatbot.operations.adapters import (
     STORE_SPECS,
     adapter_history,
     adapter_options,
+    answer_gate_options,
     check_trainable,
     compare_adapter,
     evaluate_adapter,
     export_adapter_int8,
     export_approved,
     export_conversation_log,
+    gate_on_answers,
     list_adapters,
     merge_adapter,
     promote_adapter,
@@ -42,8 +44,8 @@ from chatbot.operations.knowledge import (
 )
 
 __all__ = ["ChatbotError", "Job", "Jobs", "Report", "STORE_SPECS", "TqdmWatcher", "adapter_history",
-           "adapter_options", "check_trainable", "compare_adapter", "evaluate_adapter", "evaluate_retrieval",
-           "build_grounded", "export_adapter_int8", "export_approved", "export_conversation_log", "head_config", "head_report",
+           "adapter_options", "answer_gate_options", "check_trainable", "compare_adapter", "evaluate_adapter", "evaluate_retrieval",
+           "build_grounded", "export_adapter_int8", "export_approved", "export_conversation_log", "gate_on_answers", "head_config", "head_report",
            "ingest_paths", "list_adapters", "load_head", "load_splits", "merge_adapter", "promote_adapter", "reindex",
            "render_guidelines", "retrieval_table", "rollback_adapter", "save_uploads", "train_adapter",
            "train_from_approved", "train_head"]

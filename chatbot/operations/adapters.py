@@ -15,6 +15,7 @@ from pathlib import Path
 
 from chatbot.errors import InvalidInputError, TooLittleDataError
 from chatbot.operations.jobs import Report, TqdmWatcher
+from chatbot.options import registry_dir, adapter_options
 from finetune.adapters import registry
 
 log = logging.getLogger(__name__)
@@ -78,40 +79,6 @@ def train_from_approved(store, settings, report: Report) -> dict:
 
 
 
-def _adapters_dir(settings) -> Path:
-    return Path(getattr(settings, "resolved_adapters_dir", None) or settings.data_dir / "adapters")
-
-
-def _serving_max_lora_rank(settings) -> int | None:
-    """The highest LoRA rank the configured engine serves: ``settings.max_lora_rank`` when it is vLLM
-    (``engine="vllm"``, or ``"auto"`` where vLLM is installed), None for transformers (peft serves any rank)."""
-    engine = getattr(settings, "engine", "auto")
-    if engine == "vllm":
-        return int(settings.max_lora_rank)
-    if engine == "auto":
-        from chatbot.engines.vllm_engine import vllm_available
-
-        return int(settings.max_lora_rank) if vllm_available() else None
-    return None
-
-
-def adapter_options(settings):
-    """The fine-tuning module's :class:`~finetune.adapters.registry.AdapterOptions` from the settings: the
-    registry (``resolved_adapters_dir``), the served model and the cache it is converted into, the serving
-    engine's LoRA rank limit and the ``adapter_gate_*`` tolerances.
-
-    Raises:
-        ConfigError: a setting is out of range.
-    """
-    return registry.AdapterOptions(
-        adapters_dir=_adapters_dir(settings), model=settings.model, cache_dir=settings.cache_dir,
-        max_lora_rank=_serving_max_lora_rank(settings),
-        max_val_loss_increase=settings.adapter_gate_max_val_loss_increase,
-        max_rouge_l_drop=settings.adapter_gate_max_rouge_l_drop,
-        max_self_stop_drop=settings.adapter_gate_max_self_stop_drop,
-    )
-
-
 #: ``--data`` names of the conversation log: every conversation, or only the reviewer-approved replies.
 STORE_SPECS = ("store", "store:approved")
 
@@ -155,7 +122,7 @@ def _finetune_train(data: Path, settings, report: Report) -> dict:
     (put into the reference dialogues as into the export); the adapter folder goes into the adapter registry
     folder, named ``approved-<time>``."""
     name = data.stem
-    res = train_adapter(settings, [data], _adapters_dir(settings) / name, {"system_prompt": settings.system_prompt},
+    res = train_adapter(settings, [data], registry_dir(settings) / name, {"system_prompt": settings.system_prompt},
                         name=name)
     m = dict(res.manifest or {})
     return {"summary": f"trained adapter {m.get('version', name)}: {m.get('summary', '')}".strip(),
@@ -176,25 +143,109 @@ def list_adapters(settings) -> list[dict]:
     return out
 
 
-def promote_adapter(settings, name: str, user: str | None = None, via: str = "console", force: bool = False) -> dict:
+def answer_gate_options(settings):
+    """The answer gate's :class:`~chatbot.answer_gate.AnswerGateOptions` from the ``adapter_gate_*`` settings."""
+    from chatbot.answer_gate import AnswerGateOptions
+
+    return AnswerGateOptions(max_correct_drop=settings.adapter_gate_max_correct_drop,
+                             max_k_precision_drop=settings.adapter_gate_max_k_precision_drop,
+                             max_unsupported_increase=settings.adapter_gate_max_unsupported_increase,
+                             mode=settings.adapter_gate_answers_mode)
+
+
+def gate_on_answers(settings, name: str, assistant=None):
+    """Run the answer gate (:func:`chatbot.answer_gate.answer_gate`) for adapter ``name`` against the live adapter
+    (or the base model) on the first ``adapter_gate_answers_limit`` questions of ``adapter_gate_answers_dataset``,
+    and keep the decision in the adapter's folder (``answer_gate.json``).
+
+    ``assistant``: the one to answer with (its engine must load adapters); default: one built from the settings on
+    an engine with LoRA support and a throw-away conversation log, closed afterwards.
+
+    Returns:
+        the :class:`~chatbot.answer_gate.AnswerGateDecision`.
+
+    Raises:
+        NotFoundError / AdapterError: no such adapter. DataError: the question set is malformed.
+        EngineError: an adapter does not load.
+    """
+    import asyncio
+    import tempfile
+
+    from chatbot.answer_eval import load_answer_set
+    from chatbot.answer_gate import answer_gate
+
+    opts = adapter_options(settings)
+    cand = registry.resolve_adapter(name, opts)
+    live = registry.live_adapter(opts)
+    cases = load_answer_set(settings.adapter_gate_answers_dataset)[: settings.adapter_gate_answers_limit]
+    gate_opts = answer_gate_options(settings)
+    reference = (str(live.path), live.version) if live is not None else None
+    s = settings.model_copy(update={"answer_mode": gate_opts.mode, "enable_lora": True})
+
+    async def run(a):
+        await a.engine.start()
+        try:
+            return await answer_gate(a, cases, (str(cand.path), cand.version), reference, gate_opts,
+                                     str(settings.adapter_gate_answers_dataset))
+        finally:
+            await a.engine.close()
+
+    if assistant is not None:
+        decision = asyncio.run(answer_gate(assistant, cases, (str(cand.path), cand.version), reference, gate_opts,
+                                           str(settings.adapter_gate_answers_dataset)))
+    else:
+        from chatbot.service import Assistant
+
+        with tempfile.TemporaryDirectory() as tmp:  # the gate's conversations stay out of the log
+            a = Assistant.from_settings(s, database_url=f"sqlite:///{Path(tmp) / 'gate.db'}")
+            try:
+                decision = asyncio.run(run(a))
+            finally:
+                a.store.close()
+    decision.save(cand.path)
+    return decision
+
+
+def promote_adapter(settings, name: str, user: str | None = None, via: str = "console", force: bool = False,
+                    judge_answers: bool | None = None, assistant=None) -> dict:
     """Make adapter ``name`` live if it loads as the engine loads it, changes the model and passes the evaluation
     gate (:func:`finetune.adapters.gate.promote`; ``force`` skips the gate, never the load check); recorded in the
     audit log under ``user`` and ``via`` (``"console"`` or ``"cli"``).
 
+    With ``judge_answers`` (default ``settings.adapter_gate_answers``) the answer gate runs first
+    (:func:`gate_on_answers`): a candidate that answers worse than the live model is refused with the side-by-side
+    table, and ``LIVE.json`` is not touched; ``force`` promotes it anyway, and that is logged and kept in
+    ``answer_gate.json`` (``forced``).
+
     Returns:
-        ``{"live": version, "previous": version | None, "gate": table lines, "sentences": the verdict in words}``.
+        ``{"live": version, "previous": version | None, "gate": table lines, "sentences": the verdict in words,
+        "answer_gate": the answer gate's decision as a dict, or None}``.
 
     Raises:
         InvalidInputError: no name.
-        AdapterError: the load check or the gate refused it, or no such adapter (the message says why).
+        AdapterError: the load check, the gate or the answer gate refused it, or no such adapter (the message says
+            why, with the answer gate's table).
     """
+    from chatbot.errors import AdapterError
     from finetune.adapters import gate
 
     if not name:
         raise InvalidInputError("adapter name must not be empty")
+    judge_answers = settings.adapter_gate_answers if judge_answers is None else judge_answers
+    answers = None
+    if judge_answers:
+        answers = gate_on_answers(settings, name, assistant)
+        if not answers.ok:
+            if not force:
+                raise AdapterError("\n".join([*answers.sentences(), "", answers.table()]))
+            answers.forced = True
+            answers.save(registry.resolve_adapter(name, adapter_options(settings)).path)
+            log.warning("adapter %s promoted by %s via %s although the answer gate refused it: %s", name, user, via,
+                        " ".join(answers.reasons))
     decision = gate.promote(name, adapter_options(settings), force=force, user=user, via=via)
+    sentences = decision.sentences() + (answers.sentences() if answers is not None else [])
     return {"live": decision.candidate.version, "previous": decision.previous, "gate": decision.lines(),
-            "sentences": decision.sentences()}
+            "sentences": sentences, "answer_gate": answers.to_dict() if answers is not None else None}
 
 
 def rollback_adapter(settings, user: str | None = None, via: str = "console") -> dict:
