@@ -15,7 +15,7 @@ from pathlib import Path
 
 from chatbot.errors import InvalidInputError, TooLittleDataError
 from chatbot.operations.jobs import Report, TqdmWatcher
-from chatbot.options import registry_dir, adapter_options
+from chatbot.options import adapter_options, registry_dir
 from finetune.adapters import registry
 
 log = logging.getLogger(__name__)
@@ -182,24 +182,25 @@ def gate_on_answers(settings, name: str, assistant=None):
     reference = (str(live.path), live.version) if live is not None else None
     s = settings.model_copy(update={"answer_mode": gate_opts.mode, "enable_lora": True})
 
-    async def run(a):
-        await a.engine.start()
+    async def run(a, own_engine: bool):
+        if own_engine:
+            await a.engine.start()
         try:
             return await answer_gate(a, cases, (str(cand.path), cand.version), reference, gate_opts,
                                      str(settings.adapter_gate_answers_dataset))
         finally:
-            await a.engine.close()
+            if own_engine:
+                await a.engine.close()
 
     if assistant is not None:
-        decision = asyncio.run(answer_gate(assistant, cases, (str(cand.path), cand.version), reference, gate_opts,
-                                           str(settings.adapter_gate_answers_dataset)))
+        decision = asyncio.run(run(assistant, own_engine=False))
     else:
         from chatbot.service import Assistant
 
         with tempfile.TemporaryDirectory() as tmp:  # the gate's conversations stay out of the log
             a = Assistant.from_settings(s, database_url=f"sqlite:///{Path(tmp) / 'gate.db'}")
             try:
-                decision = asyncio.run(run(a))
+                decision = asyncio.run(run(a, own_engine=True))
             finally:
                 a.store.close()
     decision.save(cand.path)
