@@ -44,8 +44,8 @@ def cmd_build_sft(args) -> int:
     exclude = [] if args.no_exclude else (args.exclude or [p for p in [PROJECT_ROOT / "data" / "eval"] if p.exists()])
     options = GroundedOptions(passages=args.passages or s.top_k, unanswerable=args.unanswerable,
                               validation=args.validation, seed=args.seed)
-    m = build_grounded(s, args.out, dataset=args.dataset, qa=args.qa, docs=args.docs, exclude=exclude,
-                       options=options, history_turns=args.history_turns, limit=args.limit)
+    m = build_grounded(s, args.out, dataset=args.dataset, qa=args.qa, docs=args.docs, from_store=args.from_store,
+                       exclude=exclude, options=options, history_turns=args.history_turns, limit=args.limit)
     c = m["counts"]
     excluded = ", ".join(f"{n} ({why})" for why, n in c["excluded"].items()) or "none"
     print(f"{c['cases']} cases; excluded {excluded}; gold passages did not fit the prompt: {c['no_fit']}")
@@ -270,6 +270,8 @@ def register(sub, eval_targets) -> None:
     src = sp.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", choices=["dstc11_track5"], help="a shared set with gold passages and replies")
     src.add_argument("--qa", type=Path, help='JSONL of {"id", "question", "reply", "gold": [doc ids], "history"?}')
+    src.add_argument("--from-store", action="store_true", help="the conversation log's reviewer-approved replies "
+                     "with the passages they cited (distractors from the published index)")
     sp.add_argument("--docs", nargs="+", type=Path, help="with --qa: the documents the replies come from")
     sp.add_argument("--out", type=Path, required=True, help="folder for train.jsonl, heldout.jsonl, manifest.json")
     sp.add_argument("--passages", type=int, help="passages per prompt (default: CHATBOT_TOP_K)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,6 +100,33 @@ def qa_cases(path: Path, search, candidates: int = 50) -> tuple[list[GroundedCas
     return cases, source
 
 
+_MARKER = re.compile(r"\s*\[(\d+)\]")
+
+
+def transcript_cases(rows: Sequence[dict]) -> tuple[list[GroundedCase], dict]:
+    """Reviewer-approved replies (:meth:`chatbot.store.Store.approved_replies`) as cases: the customer's question,
+    the approved (or corrected) reply without its ``[n]`` markers, and as gold the passages the reply cited (the
+    numbers in the reply, or in the reply as sent when the correction has none), with the text they were shown
+    with. A reply that cites nothing is skipped (counted): there is no passage to ground it in.
+
+    Returns:
+        ``(cases, source)``.
+    """
+    cases, uncited = [], 0
+    for r in rows:
+        cited = {int(n) for n in _MARKER.findall(r["reply"])} or {int(n) for n in _MARKER.findall(r["original"])}
+        gold = tuple(Hit(-1, c["doc_id"], c.get("title") or c["doc_id"], c.get("source") or "", c["passage"],
+                         float(c.get("score") or 0.0), 0)
+                     for c in r["citations"] if c.get("number") in cited and c.get("passage"))
+        reply = _MARKER.sub("", r["reply"]).strip()
+        if not gold or not reply:
+            uncited += 1
+            continue
+        cases.append(GroundedCase(f"store:{r['conversation_id']}:{r['message_id']}", r["question"], reply, gold,
+                                  source="store:approved"))
+    return cases, {"name": "store:approved", "cases": len(cases), "uncited": uncited}
+
+
 def _count_tokens(settings):
     """Tokens of a message list under the chat model's template (the engines' own count)."""
     from transformers import AutoTokenizer
@@ -111,45 +139,58 @@ def _count_tokens(settings):
 
 
 def build_grounded(settings, out: str | Path, dataset: str | None = None, qa: Path | None = None,
-                   docs: Sequence[str | Path] | None = None, exclude: Sequence[str | Path] = (),
+                   docs: Sequence[str | Path] | None = None, from_store: bool = False,
+                   exclude: Sequence[str | Path] = (),
                    options: GroundedOptions | None = None, history_turns: int = 0, limit: int | None = None,
                    index_dir: Path | None = None) -> dict:
     """Build a retrieval-format SFT set into ``out`` (:func:`chatbot.grounded.build_grounded_set`).
 
-    Cases come from ``dataset="dstc11_track5"`` (its knowledge snippets indexed for distractors under
-    ``data_dir/eval/dstc11_track5``), or from ``qa`` pairs over ``docs`` (indexed under ``index_dir``, default
-    ``data_dir/grounded/<qa file stem>``). The prompt uses the configured system prompt, ``top_k`` passages
-    unless ``options`` says otherwise, and the service's token budget (``max_model_len - max_new_tokens``).
-    ``exclude``: dev sets (questions and documents) whose questions and answers must not be trained on.
+    One source of cases:
+
+    * ``dataset="dstc11_track5"``: its knowledge snippets are indexed for distractors under
+      ``data_dir/eval/dstc11_track5``;
+    * ``qa`` pairs over ``docs``, indexed under ``index_dir`` (default ``data_dir/grounded/<qa file stem>``);
+    * ``from_store``: the conversation log's reviewer-approved replies with the passages they cited
+      (:func:`transcript_cases`); distractors come from the published index.
+
+    The prompt uses the configured system prompt, ``top_k`` passages unless ``options`` says otherwise, and the
+    service's token budget (``max_model_len - max_new_tokens``). ``exclude``: dev sets (questions and documents)
+    whose questions and answers must not be trained on.
 
     Raises:
-        InvalidInputError: neither or both sources, or ``qa`` without ``docs``.
+        InvalidInputError: no source or more than one, or ``qa`` without ``docs``.
     """
     from chatbot.operations.knowledge import ingest_paths
     from chatbot.options import build_embedder, search_options
     from retrieval.ingest import ingest_documents
     from retrieval.retriever import Retriever
 
-    if (dataset is None) == (qa is None):
-        raise InvalidInputError("give one source: --dataset dstc11_track5, or --qa FILE with --docs")
+    if sum([dataset is not None, qa is not None, bool(from_store)]) != 1:
+        raise InvalidInputError("give one source: --dataset dstc11_track5, --qa FILE with --docs, or --from-store")
+    if qa is not None and not docs:
+        raise InvalidInputError("--qa needs --docs: the documents its answers come from")
     options = options or GroundedOptions(passages=settings.top_k)
     embedder = build_embedder(settings)
-    sources = []
+    opts = search_options(settings)
     if dataset is not None:
         if dataset != "dstc11_track5":
             raise InvalidInputError(f"--dataset must be dstc11_track5, got {dataset!r}")
         cases, documents, source = dstc11_cases(history_turns=history_turns)
         index_dir = Path(index_dir or settings.data_dir / "eval" / "dstc11_track5")
-        opts = search_options(settings)
         ingest_documents(documents, index_dir, embedder, settings.chunk_tokens, settings.chunk_overlap, sync=True,
                          show_progress=True, index_options=opts.index)
-    else:
-        if not docs:
-            raise InvalidInputError("--qa needs --docs: the documents its answers come from")
+    elif qa is not None:
         index_dir = Path(index_dir or settings.data_dir / "grounded" / Path(qa).stem)
         ingest_paths(settings, docs, embedder=embedder, index_dir=index_dir, sync=True)
-        opts = search_options(settings)
-        cases, source = None, None
+    else:
+        from chatbot.store import Store
+
+        store = Store(settings.resolved_database_url)
+        try:
+            cases, source = transcript_cases(store.approved_replies())
+        finally:
+            store.close()
+        index_dir = Path(index_dir or settings.index_dir)
     retriever = Retriever(index_dir, embedder, opts)
 
     def search(query: str, k: int) -> list[Hit]:
@@ -157,10 +198,9 @@ def build_grounded(settings, out: str | Path, dataset: str | None = None, qa: Pa
 
     if qa is not None:
         cases, source = qa_cases(Path(qa), search)
-    sources.append(source)
     if limit:
         cases = cases[:limit]
     builder = GroundedBuilder(search, settings.system_prompt, settings.abstain_message, _count_tokens(settings),
                               settings.max_model_len - settings.max_new_tokens, options)
     exclusions = Exclusions.from_paths(exclude) if exclude else None
-    return build_grounded_set(cases, builder, out, exclusions, sources)
+    return build_grounded_set(cases, builder, out, exclusions, [source])

@@ -352,6 +352,30 @@ class ReviewStore(StoreBase):
 
         return self._read("export the conversations", fn)
 
+    def approved_replies(self) -> list[dict]:
+        """Every reviewer-approved reply with what it answered and the passages it was shown, oldest first:
+        ``{"conversation_id", "message_id", "question", "reply", "original", "citations"}``. ``question`` is the
+        customer's latest message before the reply; ``reply`` is the staff correction when there is one, else the
+        reply as sent (``original``); ``citations`` are the passages of its prompt as stored (number, doc_id,
+        title, source, passage, ...). A reply with no customer message before it is left out."""
+
+        def fn(s: Session) -> list[dict]:
+            rows = []
+            q = (select(Annotation, Message).where(Annotation.approved == True)  # noqa: E712
+                 .where(Annotation.message_id == Message.id).order_by(Message.id))
+            for ann, msg in s.exec(q).all():
+                user = s.exec(select(Message).where(Message.conversation_id == msg.conversation_id)
+                              .where(Message.role == "user").where(Message.id < msg.id)
+                              .order_by(Message.id.desc())).first()
+                if user is None:
+                    continue
+                rows.append({"conversation_id": msg.conversation_id, "message_id": msg.id, "question": user.text,
+                             "reply": ann.corrected_text or msg.text or "", "original": msg.text or "",
+                             "citations": list(msg.citations or [])})
+            return rows
+
+        return self._read("read the approved replies", fn)
+
     def export_sft_jsonl(self, dest: str | Path | TextIO, conversation_ids: Sequence[str] | None = None,
                          approved_only: bool = False, system_prompt: str | None = None) -> int:
         """Write :meth:`sft_examples` as chat JSONL, one ``{"id", "messages"}`` object a line (UTF-8, not

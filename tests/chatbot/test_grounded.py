@@ -184,3 +184,29 @@ def test_cli_builds_a_set_from_an_operators_documents_and_pairs(tmp_path, monkey
         assert doc not in u["meta"]["passages"] and u["messages"][-1]["content"].startswith("I'm sorry")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sources"][0]["cases"] == 3 and manifest["files"]["train"]["examples"] == 6
+
+
+def test_approved_transcripts_become_cases_grounded_in_the_passages_they_cited(tmp_path):
+    """The console's approved replies, with the passages they were answered from: the cited passage is the gold,
+    the correction (markers stripped) is the reply; an approved reply that cites nothing is skipped."""
+    from chatbot.operations.grounded import transcript_cases
+
+    engine = ScriptedEngine("No, pets are not allowed [2].")
+    a = make_assistant(tmp_path, engine, answer_mode="generate", routing=False, top_k=3, min_score=0.0)
+    a.retriever = ListRetriever([DISTRACTORS[0], GOLD, DISTRACTORS[1]])
+    t1 = asyncio.run(a.respond(None, "Can I bring my dog?"))
+    engine.reply = "Hello! How can I help?"
+    t2 = asyncio.run(a.respond(None, "Hi"))
+    a.store.annotate(t1.message_id, None, corrected_text="Sorry, no pets are allowed [2].", approved=True)
+    a.store.annotate(t2.message_id, None, approved=True)
+    rows = a.store.approved_replies()
+    assert [(r["question"], r["reply"]) for r in rows] == [
+        ("Can I bring my dog?", "Sorry, no pets are allowed [2]."), ("Hi", "Hello! How can I help?")]
+    cases, source = transcript_cases(rows)
+    assert source == {"name": "store:approved", "cases": 1, "uncited": 1}
+    (c,) = cases
+    assert ([h.doc_id for h in c.gold], c.gold[0].text, c.reply) == ([GOLD.doc_id], GOLD.text, "Sorry, no pets are allowed.")
+    ex = builder(unanswerable=0.0).examples(c)[0]
+    (n,) = ex["meta"]["gold_numbers"]
+    assert passages_of(ex["messages"][0]["content"])[n] == GOLD.text
+    assert ex["messages"][-1]["content"] == f"Sorry, no pets are allowed [{n}]."
