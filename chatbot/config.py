@@ -175,6 +175,12 @@ class Settings(BaseSettings):
     adapters_dir: Path | None = Field(
         default=None, description="Adapter registry and the LIVE.json pointer; default data_dir/adapters."
     )
+    shipped_adapter: Path | None = Field(
+        default=PROJECT_ROOT / "data" / "adapters" / "grounded-dstc11",
+        description="Adapter folder the product ships: `chatbot setup` copies it into the registry and promotes it "
+                    "while the registry has never had a promotion or rollback (a fresh install). None: serve the "
+                    "base model until an operator promotes an adapter.",
+    )
     enable_lora: bool | None = Field(
         default=None,
         description="vLLM: start with LoRA support, so promoted adapters are served at once. None (auto): on when "

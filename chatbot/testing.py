@@ -38,7 +38,8 @@ class Server:
 
 
 def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, routing: bool = False,
-                 answer_mode: str = "generate", data_dir: Path | None = None, **env_settings: str) -> Server:
+                 answer_mode: str = "generate", data_dir: Path | None = None, shipped_adapter: bool = False,
+                 **env_settings: str) -> Server:
     """Run ``chatbot setup`` then ``chatbot serve`` with data in ``tmp/var``; wait for ``/healthz``.
 
     Args:
@@ -53,6 +54,8 @@ def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, routing
             served default is ``verified``; bench/serving.py measures both).
         data_dir: the data folder (index, adapters, uploads) instead of ``tmp/var``; servers given the same one
             share it, as replicas on shared storage do (their database then comes from ``DATABASE_URL``).
+        shipped_adapter: let setup make the shipped adapter live (``CHATBOT_SHIPPED_ADAPTER``). Off by default, for
+            the same reason as ``routing``: the base model, without LoRA support, is what those measure.
         env_settings: more settings, e.g. ``MAX_QUEUED="0"`` becomes ``CHATBOT_MAX_QUEUED=0``.
 
     Raises:
@@ -71,6 +74,7 @@ def start_server(tmp: Path, kb: Path, engine: str, timeout: float = 600, routing
         "HF_HUB_OFFLINE": "1",
         "CHATBOT_ROUTING": "true" if routing else "false",
         "CHATBOT_ANSWER_MODE": answer_mode,
+        **({} if shipped_adapter else {"CHATBOT_SHIPPED_ADAPTER": "none"}),
         **{f"CHATBOT_{k.upper()}": v for k, v in env_settings.items()},
     }
     cli = [sys.executable, "-m", "chatbot.cli"]

@@ -19,7 +19,8 @@ def cmd_eval_answers(args) -> int:
     from tqdm import tqdm
 
     from chatbot.answer_eval import format_rows, format_summary, load_answer_set, report, run_answer_eval, summarize
-    from chatbot.operations import ingest_paths
+    from chatbot.answer_gate import PinnedAdapter
+    from chatbot.operations import adapter_target, ingest_paths
     from chatbot.service import Assistant
 
     s = settings(engine=args.engine)
@@ -37,6 +38,13 @@ def cmd_eval_answers(args) -> int:
             return 2
         print(rep.summary(), flush=True)
     modes = args.mode or [s.answer_mode]
+    try:  # each (label, adapter) the set is answered with; none given: whatever LIVE.json names, as served
+        targets = [(ref, adapter_target(s, ref)) for ref in args.adapters] if args.adapters else [(None, None)]
+    except ChatbotError as exc:
+        print(f"error: --adapters: {exc}", file=sys.stderr)
+        return 2
+    if args.adapters and any(t is not None for _, t in targets):
+        s = s.model_copy(update={"enable_lora": True})  # one engine, switched between the adapters
     runs = []
     with tempfile.TemporaryDirectory() as tmp:  # the evaluation's conversations stay out of the log
         base = Assistant.from_settings(s, index_dir, f"sqlite:///{Path(tmp) / 'eval.db'}")
@@ -44,29 +52,34 @@ def cmd_eval_answers(args) -> int:
         async def go() -> None:
             await base.engine.start()
             try:
-                for mode in modes:
-                    a = Assistant(s.model_copy(update={"answer_mode": mode}), base.engine, base.retriever,
-                                  base.store, base.metrics, base.router)
-                    await a.adapters.sync(a.engine)
-                    bar = tqdm(total=len(cases), desc=f"eval answers ({mode})", unit="q")
-                    rows = await run_answer_eval(a, cases, args.concurrency, lambda _r: bar.update())
-                    bar.close()
-                    runs.append((mode, summarize(rows), rows))
+                for ref, target in targets:
+                    for mode in modes:
+                        a = Assistant(s.model_copy(update={"answer_mode": mode}), base.engine, base.retriever,
+                                      base.store, base.metrics, base.router)
+                        if ref is not None:
+                            a.adapters = PinnedAdapter(*(target or (None, None)))
+                        await a.adapters.sync(a.engine)
+                        label = mode if ref is None else f"{ref} {mode}"
+                        bar = tqdm(total=len(cases), desc=f"eval answers ({label})", unit="q")
+                        rows = await run_answer_eval(a, cases, args.concurrency, lambda _r: bar.update())
+                        bar.close()
+                        runs.append((label, summarize(rows), rows))
             finally:
                 await base.engine.close()
 
         asyncio.run(go())
         base.store.close()
     if not args.quiet:
-        for mode, _, rows in runs:
-            print(f"\n## {mode}\n{format_rows(rows)}")
+        for label, _, rows in runs:
+            print(f"\n## {label}\n{format_rows(rows)}")
     info = base.engine.info
-    print(f"\n{args.dataset}: {len(cases)} questions; engine {info.name}, model {info.model}, "
-          f"adapter {info.adapter_version or 'none'}")
+    served = ", ".join(args.adapters) if args.adapters else (info.adapter_version or "none")
+    print(f"\n{args.dataset}: {len(cases)} questions; engine {info.name}, model {info.model}, adapter {served}")
     print(format_summary([(m, summ) for m, summ, _ in runs]))
     if args.json:
         out = report(Path(args.dataset), runs, {
-            "engine": info.name, "model": info.model, "adapter": info.adapter_version,
+            "engine": info.name, "model": info.model,
+            "adapter": list(args.adapters) if args.adapters else info.adapter_version,
             "index_version": base.retriever.version if base.retriever is not None else None,
             "docs_sha256": tree_sha256(args.docs) if args.docs else None,
             "settings": {k: getattr(s, k) for k in (
@@ -90,6 +103,9 @@ def register(sub, eval_targets) -> None:
     sp.add_argument("--docs", nargs="+", type=Path,
                     help="documents of the set (indexed for it); default: the published index")
     sp.add_argument("--index-dir", type=Path, help="index folder for --docs (default var/eval/answers-<hash>)")
+    sp.add_argument("--adapters", nargs="+", metavar="ADAPTER",
+                    help="answer with each of these in turn, one table row per adapter and mode: 'base' (no adapter), "
+                         "a registered adapter's name or version, or an adapter folder (default: the live adapter)")
     sp.add_argument("--engine", choices=["auto", "vllm", "transformers"], default=None)
     sp.add_argument("--concurrency", type=int, default=8, help="conversations at once")
     sp.add_argument("--limit", type=int, help="only the first N rows")

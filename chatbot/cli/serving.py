@@ -10,9 +10,10 @@ from chatbot.errors import ChatbotError
 
 
 def cmd_setup(args) -> int:
-    """Prepare everything ``serve`` needs: the embedded models and the knowledge-base index."""
+    """Prepare everything ``serve`` needs: the embedded models, the knowledge-base index, the routing heads and, on a
+    fresh install, the shipped adapter made live."""
     from chatbot.assets import resolve_chat_model
-    from chatbot.operations import ingest_paths
+    from chatbot.operations import ingest_paths, install_shipped_adapter
 
     s = settings()
     print(f"chat model: {resolve_chat_model(s)}", flush=True)
@@ -26,6 +27,7 @@ def cmd_setup(args) -> int:
     router = Router.from_settings(s).warm()  # the committed heads load on the installed MiniLM (sha256-checked)
     print(f"routing heads: {len(router.intent_head.labels)} intents (threshold {router.intent_head.threshold:.3f}), "
           f"slots {', '.join(router.entity_head.types)}", flush=True)
+    print(install_shipped_adapter(s), flush=True)
     return 0
 
 

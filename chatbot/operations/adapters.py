@@ -153,6 +153,19 @@ def answer_gate_options(settings):
                              mode=settings.adapter_gate_answers_mode)
 
 
+def adapter_target(settings, ref: str) -> tuple[str, str] | None:
+    """What an engine loads for ``ref``: ``(folder, version)`` of the registered adapter named (or of an adapter
+    folder, or a version string), ``None`` for ``"base"`` (the base model without an adapter).
+
+    Raises:
+        NotFoundError: no such adapter. AdapterError: the folder is not a valid adapter.
+    """
+    if ref == "base":
+        return None
+    rec = registry.resolve_adapter(ref, adapter_options(settings))
+    return str(rec.path), rec.version
+
+
 def gate_on_answers(settings, name: str, assistant=None):
     """Run the answer gate (:func:`chatbot.answer_gate.answer_gate`) for adapter ``name`` against the live adapter
     (or the base model) on the first ``adapter_gate_answers_limit`` questions of ``adapter_gate_answers_dataset``,
@@ -247,6 +260,38 @@ def promote_adapter(settings, name: str, user: str | None = None, via: str = "co
     sentences = decision.sentences() + (answers.sentences() if answers is not None else [])
     return {"live": decision.candidate.version, "previous": decision.previous, "gate": decision.lines(),
             "sentences": sentences, "answer_gate": answers.to_dict() if answers is not None else None}
+
+
+def install_shipped_adapter(settings) -> str:
+    """Serve the adapter the product ships (``settings.shipped_adapter``) on a fresh install: copy it into the
+    registry and promote it (load check and metric gate, :func:`finetune.adapters.gate.promote`), recorded in the
+    audit log as ``via="setup"``. Done only while the registry has never had a promotion or a rollback, so an
+    operator's choice (a rollback to the base model included) is never undone by setup.
+
+    Returns:
+        What happened, as a sentence for the setup output (also when nothing was done, or the shipped adapter
+        cannot be served here: a base-model mismatch or a failed load check leaves the base model served).
+
+    Raises:
+        AdapterError: the registry's ``LIVE.json`` is unreadable.
+    """
+    from chatbot.errors import AdapterError, NotFoundError
+    from finetune.adapters import gate
+
+    folder = settings.shipped_adapter
+    if folder is None or not Path(folder).is_dir():
+        return "shipped adapter: none"
+    opts = adapter_options(settings)
+    if registry.read_live(opts)["events"]:
+        live = registry.live_adapter(opts)
+        return f"shipped adapter: left alone (the registry has promotions; live: {live.version if live else 'base'})"
+    try:
+        rec, _ = registry.install_adapter(folder, opts)
+        decision = gate.promote(rec.name, opts, user="setup", via="setup")
+    except (AdapterError, NotFoundError) as exc:
+        log.warning("the shipped adapter %s is not served: %s", folder, exc)
+        return f"shipped adapter: not served, the base model is ({exc})"
+    return f"shipped adapter: {decision.candidate.version} is live (compared with {decision.reference})"
 
 
 def rollback_adapter(settings, user: str | None = None, via: str = "console") -> dict:

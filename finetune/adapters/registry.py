@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -247,6 +248,36 @@ def list_adapters(options: AdapterOptions) -> list[AdapterRecord]:
     for a in out:
         a.live = bool(cur and a.version == cur.get("version"))
     return sorted(out, key=lambda a: a.created_at)
+
+
+def install_adapter(folder: str | Path, options: AdapterOptions) -> tuple[AdapterRecord, bool]:
+    """Copy an adapter folder (one shipped with the product, or trained elsewhere) into the registry, under its
+    name; nothing is copied when the registry already holds that version.
+
+    Returns:
+        ``(record in the registry, copied)``.
+
+    Raises:
+        NotFoundError / AdapterError: ``folder`` is not an adapter folder, or the registry holds another version
+            under the same name (nothing is overwritten).
+    """
+    src = AdapterRecord.from_folder(folder)
+    dest = options.adapters_dir / src.name
+    if dest.exists():
+        have = AdapterRecord.from_folder(dest)
+        if have.version != src.version:
+            raise AdapterError(f"the registry already holds another adapter named {src.name!r} ({have.version}), "
+                               f"not {src.version}; nothing was overwritten")
+        return have, False
+    options.adapters_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}-", dir=options.adapters_dir))
+    try:  # copied aside, then renamed: a reader never sees half an adapter
+        shutil.copytree(src.path, tmp, dirs_exist_ok=True)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return AdapterRecord.from_folder(dest), True
 
 
 def live_adapter(options: AdapterOptions) -> AdapterRecord | None:

@@ -144,3 +144,38 @@ def test_a_refused_promotion_leaves_the_live_adapter_and_force_is_kept(tmp_path,
     assert out["live"] == bad and out["answer_gate"]["forced"] is True
     assert json.loads((reg / "bad" / "answer_gate.json").read_text())["forced"] is True
 
+
+
+def test_eval_answers_compares_adapters_in_one_table(tmp_path, index_dir, embedder, monkeypatch, capsys):  # noqa: F811
+    """``chatbot eval answers --adapters base good``: one engine, pinned to each adapter in turn, one row per adapter
+    and mode, the base model first; an unknown adapter is a clear error (exit 2) before any model is loaded."""
+    from chatbot import operations
+    from chatbot.cli import main
+
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps({"id": c.id, "query": c.query, "gold": c.gold, "facts": c.facts,
+                                        "answerable": True}) + "\n" for c in CASES))
+    monkeypatch.setenv("CHATBOT_DATA_DIR", str(tmp_path / "var"))
+    assert main(["eval", "answers", "--dataset", str(data), "--adapters", "base", "missing"]) == 2
+    assert "error: --adapters:" in capsys.readouterr().err
+
+    engine = AdapterEngine({None: UNSURE, "good-1": GOOD})
+    built = []
+
+    def from_settings(settings, index=None, database_url=None):
+        built.append(settings.enable_lora)
+        return assistant(tmp_path, index_dir, embedder, engine)
+
+    monkeypatch.setattr(operations, "adapter_target", lambda s, ref: None if ref == "base" else ("/a/good", "good-1"))
+    monkeypatch.setattr(Assistant, "from_settings", staticmethod(from_settings))
+    out = tmp_path / "report.json"
+    assert main(["eval", "answers", "--dataset", str(data), "--adapters", "base", "good", "--mode", "generate",
+                 "verified", "--quiet", "--json", str(out)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[0] for line in table] == ["| base generate", "| base verified", "| good generate",
+                                                         "| good verified"]
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["runs"]] == ["base generate", "base verified", "good generate", "good verified"]
+    assert (report["runs"][0]["summary"]["correct"], report["runs"][2]["summary"]["correct"]) == (0.0, 1.0)
+    assert report["adapter"] == ["base", "good"] and built == [True]
+    assert engine.switches == ["good-1"]  # the engine started on the base model, switched once

@@ -222,6 +222,36 @@ def _fake_adapter(reg: Path, name: str, base_sha: str, val_loss: float, rouge: f
     return version
 
 
+def test_setup_serves_the_shipped_adapter_on_a_fresh_install_only(tiny, tmp_path):
+    """``chatbot setup`` (install_shipped_adapter): a fresh registry gets the shipped adapter copied in and live,
+    audited as via=setup; a second setup copies nothing; after an operator's rollback to the base model setup
+    leaves the registry alone; an adapter trained on another base model is not served and setup goes on."""
+    from chatbot.config import Settings
+    from chatbot.operations import install_shipped_adapter
+
+    shipped = tmp_path / "shipped"
+    version = _fake_adapter(shipped, "grounded", model_fingerprint(tiny), 2.0, 0.30, 0.90, "2026-01-01", base=tiny)
+    s = Settings(model=tiny, data_dir=tmp_path / "var", engine="transformers", shipped_adapter=shipped / "grounded")
+    o = adapter_options(s)
+    assert install_shipped_adapter(s) == f"shipped adapter: {version} is live (compared with base)"
+    assert live_adapter(o).path == s.resolved_adapters_dir / "grounded"
+    assert [(e["via"], e["to"]) for e in read_audit(o)] == [("setup", version)]
+    assert install_shipped_adapter(s).startswith(f"shipped adapter: left alone (the registry has promotions; live: "
+                                                 f"{version})")
+    rollback(o, user="olga")
+    assert install_shipped_adapter(s) == "shipped adapter: left alone (the registry has promotions; live: base)"
+    assert live_adapter(o) is None and len(read_audit(o)) == 2
+
+    other = tmp_path / "other"
+    _fake_adapter(other, "grounded", "0" * 64, 2.0, 0.30, 0.90, "2026-01-01", base=tiny)
+    s2 = Settings(model=tiny, data_dir=tmp_path / "var2", engine="transformers", shipped_adapter=other / "grounded")
+    said = install_shipped_adapter(s2)
+    assert said.startswith("shipped adapter: not served, the base model is (adapter 'grounded-20260101-abcdef12' "
+                           "was trained on base model 'tiny'")
+    assert live_adapter(adapter_options(s2)) is None and read_audit(adapter_options(s2)) == []
+    assert install_shipped_adapter(Settings(data_dir=tmp_path / "var3", shipped_adapter=None)) == "shipped adapter: none"
+
+
 def test_promote_gate_and_rollback(tiny, tmp_path):
     from chatbot.config import Settings
 
