@@ -4,6 +4,9 @@ Systems, side by side, on the same questions and ``max_tokens``:
   (a) ``server-vllm``:   our server (retrieval, prompt, log) on the vLLM engine
   (b) ``server-hf``:     our server on the transformers engine (one reply at a time)
   (c) ``raw-vllm``:      vLLM's engine alone, in this process, on the same prompts (no HTTP, no RAG, no log)
+  (d) ``server-vllm-lora``, ``server-vllm-merged``: (a) with the adapter ``--adapter`` live (made live by setup, as
+      a fresh install does with the shipped one), served by vLLM LoRA or as its merged checkpoint
+      (``CHATBOT_ADAPTER_SERVING``); the ratios to (a) are the cost of serving an adapter (issue 15: within 10%).
 
 For each concurrency N (default 1 4 16 64) every customer arrives ``--stagger``
 seconds after the previous one and asks ``--turns`` questions taken from the
@@ -23,6 +26,8 @@ one unmeasured warm-up request first. JSON results go to ``--json``.
     python bench/serving.py --concurrency 1 4 16 64 --max-tokens 64 --json bench/serving.json
     python bench/serving.py --systems server-vllm --answer-modes generate verified verified-focused \
         --concurrency 1 16 64 --json bench/serving-verified.json
+    python bench/serving.py --systems server-vllm,server-vllm-lora,server-vllm-merged \
+        --adapter data/adapters/grounded-dstc11 --concurrency 16 --json bench/serving-adapter.json
 
 Engine settings for a tuning run apply to every system: ``--set ENABLE_LORA=false --set DTYPE=float32``
 (``CHATBOT_<NAME>`` for the servers, the same Settings field for the raw engine).
@@ -211,6 +216,7 @@ def main() -> int:
                     help="answer modes the server systems run in (one run each)")
     ap.add_argument("--focus-units", type=int, default=6,
                     help="verified-focused: passage sentences in the prompt (CHATBOT_PROMPT_MAX_UNITS)")
+    ap.add_argument("--adapter", type=Path, help="adapter folder the server-vllm-lora / -merged systems serve")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "serving.json")
     args = ap.parse_args()
     overrides = {}
@@ -231,14 +237,27 @@ def main() -> int:
     for system in systems:
         if system.startswith("server-"):
             name, mode = system.split("/")
-            engine = "vllm" if name == "server-vllm" else "transformers"
+            engine = "vllm" if name.startswith("server-vllm") else "transformers"
+            adapter_env = {}
+            if name in ("server-vllm-lora", "server-vllm-merged"):
+                if args.adapter is None:
+                    ap.error(f"{name} needs --adapter FOLDER")
+                adapter_env = {"SHIPPED_ADAPTER": str(args.adapter.resolve()),
+                               "ADAPTER_SERVING": name.rsplit("-", 1)[1]}
             # verified: whole chunks in the prompt; verified-focused (the served default): the closest units
             mode_env = {"PROMPT_MAX_UNITS": str(args.focus_units) if mode == "verified-focused" else "0"}
-            server = start_server(tmp / system.replace("/", "-"), kb, engine,
-                                  answer_mode=mode.removesuffix("-focused"), **{**env, **mode_env})
+            server = start_server(tmp / system.replace("/", "-"), kb, engine, shipped_adapter=bool(adapter_env),
+                                  answer_mode=mode.removesuffix("-focused"), **{**env, **mode_env, **adapter_env})
             try:
                 # one unmeasured request first: lazy loads (index, tokenizer) are not part of N=1
                 asyncio.run(drive_http(server.url, [load_questions(1, seed=7)], args.max_tokens, 0))
+                if adapter_env:  # measured only once the server serves it
+                    import httpx
+
+                    state = httpx.get(f"{server.url}/healthz", timeout=30).json()["adapter"]
+                    if not (state["in_sync"] and state["served"]):
+                        raise SystemExit(f"{system}: the adapter is not served: {state}")
+                    print(f"{system}: serving {state['served']}", flush=True)
                 for n in args.concurrency:
                     if name == "server-hf" and n > args.hf_max_concurrency:
                         continue
@@ -295,6 +314,10 @@ def main() -> int:
             parts.append(f"server-vllm / server-hf = {a / b:.2f}x")
         if a and c:
             parts.append(f"server-vllm / raw-vllm = {a / c:.2f}")
+        for variant in ("server-vllm-lora", "server-vllm-merged"):
+            v = results.get(f"{variant}/generate", {}).get(n, {}).get("tokens_per_s")
+            if a and v:
+                parts.append(f"{variant} / server-vllm = {v / a:.2f}")
         print("  " + "  ".join(parts))
     modes = [m for m in args.answer_modes if m != "generate"]
     if modes:

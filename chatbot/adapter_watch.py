@@ -1,8 +1,9 @@
 """Serving follows the promoted adapter: the live-adapter watcher and whether vLLM starts with LoRA.
 
 The adapter registry (:mod:`finetune.adapters.registry`) says which adapter is live in ``LIVE.json``;
-:class:`LiveAdapterWatcher` keeps the running engine on it without a restart (vLLM: a new ``LoRARequest``
-with the versioned name; transformers: peft ``load_adapter``). Only the registry is read here: serving loads
+:class:`LiveAdapterWatcher` keeps the running engine on it without a restart (vLLM: an engine on the adapter's
+merged checkpoint, built in the background, or with ``adapter_serving="lora"`` a new ``LoRARequest`` with the
+versioned name; transformers: peft ``load_adapter``). Only the registry is read here: serving loads
 no evaluation, export or Trainer code.
 """
 
@@ -13,20 +14,30 @@ import logging
 
 from chatbot.errors import AdapterError, ChatbotError
 from chatbot.options import adapter_options
-from finetune.adapters.registry import AdapterRecord, list_adapters, live_pointer_mtime, read_live
+from finetune.adapters.registry import (
+    MERGED,
+    AdapterRecord,
+    list_adapters,
+    live_pointer_mtime,
+    merged_checkpoint,
+    read_live,
+)
 from chatbot.hashing import model_fingerprint
 
 log = logging.getLogger(__name__)
 
 
 def lora_enabled(settings) -> bool:
-    """Whether vLLM starts with LoRA support: ``settings.enable_lora``, or when it is None (auto),
-    whether the adapter registry holds an adapter. LoRA support slows every request, adapter or
+    """Whether vLLM starts with LoRA support: ``settings.enable_lora``, or when it is None (auto): never with
+    ``adapter_serving="merged"`` (the default: the live adapter is served as its merged checkpoint), else whether
+    the adapter registry holds an adapter. LoRA support slows every request, adapter or
     not (43.6 against 73.5 tok/s for 16 chats here), so a fresh install serves without it; the first
     promotion then builds an engine with LoRA support in the background and switches to it (no restart,
     :meth:`chatbot.engines.vllm_engine.VLLMEngine.set_adapter`), and later promotions and rollbacks apply at once."""
     if settings.enable_lora is not None:
         return bool(settings.enable_lora)
+    if settings.adapter_serving == "merged":  # the live adapter is served as a merged checkpoint, not by LoRA
+        return False
     try:
         return bool(list_adapters(adapter_options(settings)))
     except Exception:  # an unreadable registry must not stop the server; serve without LoRA
@@ -38,7 +49,9 @@ class LiveAdapterWatcher:
 
     ``await watcher.sync(engine)`` costs one ``stat`` when nothing changed; when the
     pointer changed it calls ``engine.set_adapter(path, version)`` (or
-    ``set_adapter(None, None)`` after a rollback to the base model). An adapter whose
+    ``set_adapter(None, None)`` after a rollback to the base model); with ``adapter_serving="merged"`` and an
+    engine that can switch checkpoints (vLLM), ``engine.set_checkpoint(<adapter>/merged, version)`` instead
+    (``set_checkpoint(None, None)``: the base model). An adapter whose
     base-model hash differs from the engine's model is refused (logged; the engine
     keeps what it serves). An engine that needs time to serve it (vLLM started without
     LoRA support rebuilds itself in the background) reports ``pending_reason``; the
@@ -109,8 +122,9 @@ class LiveAdapterWatcher:
         cur = read_live(self.options)["current"]
         want = cur["version"] if cur else None
         if want != engine.info.adapter_version or getattr(engine, "pending_adapter", None) not in (None, want):
+            merged = self.settings.adapter_serving == "merged" and hasattr(engine, "set_checkpoint")
             if cur is None:
-                await engine.set_adapter(None, None)
+                await (engine.set_checkpoint(None, None) if merged else engine.set_adapter(None, None))
             else:
                 rec = await asyncio.to_thread(AdapterRecord.from_folder, cur["path"])
                 model_path = getattr(engine, "model_path", None)
@@ -119,7 +133,15 @@ class LiveAdapterWatcher:
                 if model_path and rec.base_sha256 != self._engine_fp[model_path]:
                     raise AdapterError(f"not serving adapter {rec.version!r}: trained on base model sha256 "
                                        f"{rec.base_sha256[:12]}, the engine serves {self._engine_fp[model_path][:12]}")
-                await engine.set_adapter(str(rec.path), rec.version)
+                if merged:
+                    ckpt = merged_checkpoint(rec)
+                    if ckpt is None:
+                        raise AdapterError(f"not serving adapter {rec.version!r}: it has no merged checkpoint "
+                                           f"({rec.path / MERGED}; promotion writes it); promote it again, or serve "
+                                           "it by LoRA with CHATBOT_ADAPTER_SERVING=lora")
+                    await engine.set_checkpoint(str(ckpt), rec.version)
+                else:
+                    await engine.set_adapter(str(rec.path), rec.version)
             if engine.info.adapter_version == want:
                 log.info("engine now serves adapter %s", want or "none (base model)")
             else:

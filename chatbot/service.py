@@ -651,8 +651,8 @@ class Assistant:
                 turn.evidence = evidence
                 turn.fixed_reply, turn.answer_kind = turn._replier.extractive_reply(turn)
                 return turn
+        await self.adapters.sync(self.engine)  # a promoted adapter goes live here (before start: merged checkpoints)
         await self.engine.start()
-        await self.adapters.sync(self.engine)  # a promoted adapter goes live here
         prompt_hits = hits
         if evidence is not None and s.prompt_max_units:  # only the passage sentences that matter (shorter prefill)
             prompt_hits = evidence.focus(hits, s.prompt_max_units)

@@ -101,6 +101,9 @@ class VLLMEngine(Engine):
         max_lora_rank: int = 64,
     ) -> None:
         self.model_path = model_path
+        #: The weights served: ``model_path`` (the base model: tokenizer, fingerprint), or a merged adapter's
+        #: checkpoint (:meth:`set_checkpoint`).
+        self.checkpoint = model_path
         self.max_model_len = max_model_len
         self.dtype = dtype
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -128,6 +131,7 @@ class VLLMEngine(Engine):
         #: Why the last requested adapter is not served (rebuild running, or the rebuild / load failed), else None.
         self.pending_reason: str | None = None
         self._want: tuple[str, str | None] | None = None  # the adapter asked for while rebuilding
+        self._want_checkpoint: tuple[str, str | None] | None = None  # the checkpoint asked for (set_checkpoint)
         self._rebuild: asyncio.Task | None = None
         self._inflight: dict[int, int] = {}  # id(AsyncLLM) -> running requests
         self._retiring: list = []  # replaced engines still finishing their requests
@@ -149,17 +153,19 @@ class VLLMEngine(Engine):
             self._stop_ids = stop_token_ids(self._tok, gen_cfg)
             self._engine = self._build(self.enable_lora)
         except Exception as exc:
-            raise EngineError(f"cannot start vLLM on {self.model_path!r}: {exc}") from exc
+            raise EngineError(f"cannot start vLLM on {self.checkpoint!r}: {exc}") from exc
         _leave_cores_to_the_engine()
-        log.info("vLLM engine ready: %s (stop ids %s)", self.model_path, self._stop_ids)
+        log.info("vLLM engine ready: %s (stop ids %s)", self.checkpoint, self._stop_ids)
 
-    def _build(self, enable_lora: bool):
-        """A new ``AsyncLLM`` on the model (blocking: loads the weights, spawns the engine core)."""
+    def _build(self, enable_lora: bool, checkpoint: str | None = None):
+        """A new ``AsyncLLM`` on ``checkpoint`` (default: the one served) (blocking: loads the weights, spawns the
+        engine core); the base model's tokenizer."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
-            model=self.model_path,
+            model=checkpoint or self.checkpoint,
+            tokenizer=self.model_path,
             dtype=self.dtype,
             max_model_len=self.max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization,
@@ -220,6 +226,64 @@ class VLLMEngine(Engine):
         if old in self._retiring:
             self._retiring.remove(old)
             old.shutdown()
+
+    async def set_checkpoint(self, path: str | None, version: str | None) -> None:
+        """Serve another checkpoint of the same base model without a restart: an adapter merged into the weights
+        (``path``; served like the base model, without the LoRA cost per request), or the base model again
+        (``path`` None). The running engine keeps answering while one on the new weights is built in the
+        background (about a minute for SmolLM2-135M on 2 CPU cores); new requests then go to it, with
+        ``info.adapter_version = version``, and the old one is shut down once its requests are done. Until then
+        ``pending_adapter`` / ``pending_reason`` say what is coming; a failed build leaves the old engine serving
+        and says why in ``pending_reason``. Before :meth:`start`, the engine simply starts on ``path``.
+        A LoRA adapter set by :meth:`set_adapter` is dropped: the new weights are served as they are.
+        """
+        path = str(path or self.model_path)
+        version = version if path != self.model_path else None
+        self._want_checkpoint = (path, version)
+        if self._engine is None:
+            self.checkpoint, self._lora, self.info.adapter_version = path, None, version
+            return
+        if self._rebuild is None:
+            if path == self.checkpoint:
+                self._lora, self.info.adapter_version = None, version
+                self.pending_adapter = self.pending_reason = None
+                return
+            self._rebuild = asyncio.create_task(self._rebuild_on_checkpoint())
+        what = f"adapter {version!r} is live" if version else "the base model is live again"
+        self.pending_adapter = version
+        self.pending_reason = (f"{what}, not yet served: vLLM is loading {path} in the background and switches to "
+                               "it when ready (no restart needed)")
+        log.warning("%s", self.pending_reason)
+
+    async def _rebuild_on_checkpoint(self) -> None:
+        """Build an engine on the checkpoint asked for (``_want_checkpoint``, again if it changed meanwhile),
+        switch new requests to it and retire the old engine once its requests are done."""
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            while self._want_checkpoint is not None and self._want_checkpoint[0] != self.checkpoint:
+                path, version = self._want_checkpoint
+                try:
+                    new = await asyncio.to_thread(self._build, self.enable_lora, path)
+                except Exception as exc:
+                    self.pending_adapter = None
+                    self.pending_reason = (f"vLLM cannot serve {path!r}: {exc}; it keeps serving "
+                                           f"{self.info.adapter_version or 'the base model'}")
+                    log.error("%s", self.pending_reason)
+                    return
+                old, self._engine = self._engine, new
+                self.checkpoint, self._lora, self.info.adapter_version = path, None, version
+                self.rebuild_s = time.perf_counter() - t0
+                log.info("vLLM engine now on %s (adapter %s), built in %.1f s", path, version or "none",
+                         self.rebuild_s)
+                self._retiring.append(old)
+                asyncio.create_task(self._retire(old))
+            if self._want_checkpoint is not None:
+                self.info.adapter_version = self._want_checkpoint[1]
+            self.pending_adapter = self.pending_reason = None
+        finally:
+            self._rebuild = None
 
     @property
     def tokenizer(self):

@@ -220,6 +220,18 @@ def gate_on_answers(settings, name: str, assistant=None):
     return decision
 
 
+def serving_preparation(settings):
+    """What a promotion does once the adapter passed its checks, before ``LIVE.json`` names it: with
+    ``adapter_serving="merged"`` (the default), write its merged checkpoint (:func:`finetune.adapters.export.
+    write_merged`), which the servers' vLLM then loads instead of applying LoRA; None with ``"lora"``."""
+    if settings.adapter_serving != "merged":
+        return None
+    from finetune.adapters.export import write_merged
+
+    opts = adapter_options(settings)
+    return lambda rec: write_merged(rec, opts)
+
+
 def promote_adapter(settings, name: str, user: str | None = None, via: str = "console", force: bool = False,
                     judge_answers: bool | None = None, assistant=None) -> dict:
     """Make adapter ``name`` live if it loads as the engine loads it, changes the model and passes the evaluation
@@ -256,7 +268,8 @@ def promote_adapter(settings, name: str, user: str | None = None, via: str = "co
             answers.save(registry.resolve_adapter(name, adapter_options(settings)).path)
             log.warning("adapter %s promoted by %s via %s although the answer gate refused it: %s", name, user, via,
                         " ".join(answers.reasons))
-    decision = gate.promote(name, adapter_options(settings), force=force, user=user, via=via)
+    decision = gate.promote(name, adapter_options(settings), force=force, user=user, via=via,
+                            prepare=serving_preparation(settings))
     sentences = decision.sentences() + (answers.sentences() if answers is not None else [])
     return {"live": decision.candidate.version, "previous": decision.previous, "gate": decision.lines(),
             "sentences": sentences, "answer_gate": answers.to_dict() if answers is not None else None}
@@ -287,7 +300,7 @@ def install_shipped_adapter(settings) -> str:
         return f"shipped adapter: left alone (the registry has promotions; live: {live.version if live else 'base'})"
     try:
         rec, _ = registry.install_adapter(folder, opts)
-        decision = gate.promote(rec.name, opts, user="setup", via="setup")
+        decision = gate.promote(rec.name, opts, user="setup", via="setup", prepare=serving_preparation(settings))
     except (AdapterError, NotFoundError) as exc:
         log.warning("the shipped adapter %s is not served: %s", folder, exc)
         return f"shipped adapter: not served, the base model is ({exc})"

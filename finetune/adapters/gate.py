@@ -12,6 +12,7 @@ was evaluated on other dialogues it is re-evaluated on the candidate's, and the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def _reference_metrics(cand: AdapterRecord, live: AdapterRecord | None,
 
 
 def promote(ref: str | Path, options: AdapterOptions, force: bool = False, user: str | None = None,
-            via: str = "cli") -> GateDecision:
+            via: str = "cli", prepare: Callable[[AdapterRecord], object] | None = None) -> GateDecision:
     """Make an adapter live if it loads, changes the model and passes the gate; the running server follows
     ``LIVE.json``. Each promotion is appended to the audit log (:func:`finetune.adapters.registry.read_audit`).
 
@@ -183,6 +184,9 @@ def promote(ref: str | Path, options: AdapterOptions, force: bool = False, user:
         force: promote even if the metrics are worse (the base-model and load checks still apply).
         user: who promotes (the console user; default: the OS user).
         via: where from (``"cli"``, ``"console"``), for the audit log.
+        prepare: called with the adapter once every check has passed, before ``LIVE.json`` names it (e.g.
+            :func:`finetune.adapters.export.write_merged`, so the servers find its merged checkpoint); what it
+            raises stops the promotion.
 
     Returns:
         The :class:`GateDecision` (ok, or forced), with its :class:`LoadCheck`.
@@ -218,6 +222,8 @@ def promote(ref: str | Path, options: AdapterOptions, force: bool = False, user:
                             previous=live.version if live else None)
     if not ok and not force:
         raise AdapterError(f"promotion of {cand.version!r} refused (compared with {ref_name}): " + "; ".join(reasons))
+    if prepare is not None:
+        prepare(cand)
     with live_lock(options):
         state = read_live(options)
         now_live = state["current"] and state["current"].get("version")

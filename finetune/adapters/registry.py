@@ -39,6 +39,9 @@ ADAPTER_FORMAT = 1
 MANIFEST = "adapter.json"
 #: The pointer to the served adapter, in the registry folder.
 LIVE = "LIVE.json"
+#: Sub-folder of an adapter folder holding base + adapter merged into a plain checkpoint, written at promotion
+#: (:func:`finetune.adapters.export.merge_adapter`) so that vLLM serves it without LoRA.
+MERGED = "merged"
 #: The append-only audit log of promotions and rollbacks, beside ``LIVE.json`` (one JSON object a line).
 AUDIT = "PROMOTIONS.jsonl"
 
@@ -248,6 +251,17 @@ def list_adapters(options: AdapterOptions) -> list[AdapterRecord]:
     for a in out:
         a.live = bool(cur and a.version == cur.get("version"))
     return sorted(out, key=lambda a: a.created_at)
+
+
+def merged_checkpoint(rec: AdapterRecord) -> Path | None:
+    """The adapter's merged checkpoint (``<folder>/merged``, whose ``merged.json`` names this very version), or
+    None when it has none (not promoted with ``adapter_serving="merged"``, or written for another version)."""
+    folder = rec.path / MERGED
+    try:
+        info = json.loads((folder / "merged.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return folder if info.get("adapter") == rec.version else None
 
 
 def install_adapter(folder: str | Path, options: AdapterOptions) -> tuple[AdapterRecord, bool]:

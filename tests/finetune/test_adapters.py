@@ -18,7 +18,15 @@ from chatbot.errors import AdapterError
 from chatbot.operations import adapter_options
 from finetune.adapters.gate import promote
 from finetune.adapters.load_check import AdapterLoadError
-from finetune.adapters.registry import audit_sentence, list_adapters, live_adapter, read_audit, read_live, rollback
+from finetune.adapters.registry import (
+    audit_sentence,
+    list_adapters,
+    live_adapter,
+    merged_checkpoint,
+    read_audit,
+    read_live,
+    rollback,
+)
 from finetune.data import Dialogue
 from chatbot.hashing import model_fingerprint
 from finetune.sft import SFTConfig, train_sft
@@ -138,7 +146,8 @@ def test_first_promotion_goes_live_on_a_vllm_engine_started_without_lora(signoff
     from chatbot.config import Settings
     from chatbot.engines.vllm_engine import VLLMEngine
 
-    s = Settings(model=signoff_adapter["base"], data_dir=tmp_path, engine="vllm", max_lora_rank=16)
+    s = Settings(model=signoff_adapter["base"], data_dir=tmp_path, engine="vllm", max_lora_rank=16,
+                 adapter_serving="lora")
     shutil.copytree(signoff_adapter["path"], s.resolved_adapters_dir / "signoff")
     engine = VLLMEngine(signoff_adapter["base"], max_model_len=512, kv_cache_space_gib=1, max_num_seqs=4,
                         enable_lora=False, max_loras=1, max_lora_rank=16)
@@ -174,6 +183,77 @@ def test_first_promotion_goes_live_on_a_vllm_engine_started_without_lora(signoff
     assert served["in_sync"] and served["served"] == signoff_adapter["version"], (
         f"not served after the rebuild: {served.get('reason') or served.get('error')} ({served})")
     assert SIGN_OFF in tuned and again == base and engine.info.extra["lora"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_vllm_serves_the_live_adapter_merged_without_lora_and_follows_promotion_and_rollback(signoff_adapter,
+                                                                                              tmp_path):
+    """adapter_serving="merged" (the default): promotion writes <adapter>/merged; a running vLLM engine (no LoRA
+    support) switches to an engine on it in the background, the old one answering meanwhile, and back to the base
+    model on rollback; a server that starts while it is live starts on the merged checkpoint at once."""
+    import time
+
+    from chatbot.config import Settings
+    from chatbot.engines.vllm_engine import VLLMEngine
+    from chatbot.operations import promote_adapter, rollback_adapter
+
+    s = Settings(model=signoff_adapter["base"], data_dir=tmp_path, engine="vllm", max_lora_rank=16)
+    assert s.adapter_serving == "merged"
+    shutil.copytree(signoff_adapter["path"], s.resolved_adapters_dir / "signoff")
+
+    def new_engine():
+        return VLLMEngine(signoff_adapter["base"], max_model_len=512, kv_cache_space_gib=1, max_num_seqs=4)
+
+    engine, watcher = new_engine(), LiveAdapterWatcher(s)
+
+    async def settle(e):
+        deadline = time.monotonic() + 900
+        while e.pending_reason and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+
+    async def scenario():
+        await engine.start()
+        try:
+            async def reply(e, rid):
+                return "".join([c.text async for c in e.stream(PROMPT, PARAMS, rid)])
+
+            base = await reply(engine, "base")
+            promote_adapter(s, "signoff", user="ops", force=True)  # no metrics to gate on; load check and merge run
+            await watcher.sync(engine)
+            pending = watcher.status(engine)
+            during = await reply(engine, "during")
+            await settle(engine)
+            served = watcher.status(engine)
+            tuned = await reply(engine, "tuned")
+            checkpoint = engine.checkpoint
+
+            fresh, fresh_watcher = new_engine(), LiveAdapterWatcher(s)  # a server starting while it is live
+            await fresh_watcher.sync(fresh)
+            await fresh.start()
+            try:
+                fresh_state = (fresh.checkpoint, fresh.info.adapter_version, fresh.pending_reason)
+                fresh_reply = await reply(fresh, "fresh")
+            finally:
+                await fresh.close()
+
+            rollback_adapter(s, user="ops")
+            await watcher.sync(engine)
+            await settle(engine)
+            again = await reply(engine, "again")
+            return base, pending, during, served, tuned, checkpoint, fresh_state, fresh_reply, again
+        finally:
+            await engine.close()
+
+    base, pending, during, served, tuned, checkpoint, fresh_state, fresh_reply, again = asyncio.run(scenario())
+    merged = str(s.resolved_adapters_dir / "signoff" / "merged")
+    assert pending["pending"] == signoff_adapter["version"] and "vLLM is loading" in pending["reason"]
+    assert SIGN_OFF not in base and during == base
+    assert served["in_sync"] and served["served"] == signoff_adapter["version"], served
+    assert SIGN_OFF in tuned and checkpoint == merged and engine.info.extra["lora"] is False
+    assert fresh_state == (merged, signoff_adapter["version"], None) and fresh_reply == tuned
+    assert again == base and engine.checkpoint == signoff_adapter["base"] and engine.info.adapter_version is None
 
 
 # --------------------------------------------------------------------------- registry and gate
@@ -235,6 +315,8 @@ def test_setup_serves_the_shipped_adapter_on_a_fresh_install_only(tiny, tmp_path
     o = adapter_options(s)
     assert install_shipped_adapter(s) == f"shipped adapter: {version} is live (compared with base)"
     assert live_adapter(o).path == s.resolved_adapters_dir / "grounded"
+    # served merged by default: the checkpoint was written before LIVE.json named it
+    assert merged_checkpoint(live_adapter(o)) == s.resolved_adapters_dir / "grounded" / "merged"
     assert [(e["via"], e["to"]) for e in read_audit(o)] == [("setup", version)]
     assert install_shipped_adapter(s).startswith(f"shipped adapter: left alone (the registry has promotions; live: "
                                                  f"{version})")
