@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Literal
 
 from chatbot.errors import ConfigError, TooLittleDataError
-from finetune.adapters.registry import ADAPTER_FORMAT, MANIFEST
+from finetune.adapters.registry import ADAPTER_FORMAT, MANIFEST, adapter_version
 from finetune.base_model import EMBEDDED_CHAT_MODEL, load_causal_lm, load_tokenizer, resolve_base_model
 from finetune.data import (
     DataCollator,
@@ -508,16 +508,6 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 def _weights_sha256(folder: Path) -> str:
     return files_sha256(sorted(folder.glob("*.safetensors")))
-
-
-def adapter_version(name: str, created: str, weights_sha256: str) -> str:
-    """Versioned adapter name: ``<name>-<YYYYmmddHHMMSS>-<sha8>`` (at most 120 characters).
-
-    Unique per trained weights, so vLLM never confuses two adapters of one name.
-    """
-    stamp = created.replace("-", "").replace(":", "").replace("T", "")[:14]
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:96]
-    return f"{safe}-{stamp}-{weights_sha256[:8]}"
 
 
 def train_sft(data: list[str | Path] | list[Dialogue], out_dir: str | Path, config: SFTConfig | None = None,

@@ -1,4 +1,4 @@
-"""``train`` and ``adapters list|eval|promote|rollback|status|history|merge|export-int8``: the chat model's LoRA
+"""``train`` and ``adapters list|eval|promote|rollback|status|history|merge|pack|export-int8``: the chat model's LoRA
 adapters."""
 
 from __future__ import annotations
@@ -192,6 +192,15 @@ def cmd_adapters_history(args) -> int:
     return 0
 
 
+def cmd_adapters_pack(args) -> int:
+    """Copy an adapter for shipping (weights in a smaller dtype, no checkpoints)."""
+    from chatbot.operations import pack_adapter
+
+    version = pack_adapter(settings(), args.name, args.out, args.dtype)
+    print(f"packed {args.name} as {version} in {args.out}")
+    return 0
+
+
 def cmd_adapters_merge(args) -> int:
     """Write the base model with the adapter merged in, as a full checkpoint."""
     from chatbot.operations import merge_adapter
@@ -322,6 +331,11 @@ def register(sub, eval_targets) -> None:
     sp.add_argument("name")
     sp.add_argument("--out", type=Path, required=True)
     sp.set_defaults(func=cmd_adapters_merge)
+    sp = asub.add_parser("pack", help="copy an adapter for shipping: weights in a smaller dtype, no checkpoints")
+    sp.add_argument("name")
+    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    sp.set_defaults(func=cmd_adapters_pack)
     sp = asub.add_parser("export-int8", help="merged int8 checkpoint for CPU serving, with a quality/speed report")
     sp.add_argument("name")
     sp.add_argument("--out", type=Path, required=True)

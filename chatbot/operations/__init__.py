@@ -28,6 +28,7 @@ from chatbot.operations.adapters import (
     install_shipped_adapter,
     list_adapters,
     merge_adapter,
+    pack_adapter,
     promote_adapter,
     rollback_adapter,
     train_adapter,
@@ -48,6 +49,6 @@ from chatbot.operations.knowledge import (
 __all__ = ["ChatbotError", "Job", "Jobs", "Report", "STORE_SPECS", "TqdmWatcher", "adapter_history", "adapter_target",
            "adapter_options", "answer_gate_options", "check_trainable", "compare_adapter", "evaluate_adapter", "evaluate_retrieval",
            "build_grounded", "export_adapter_int8", "export_approved", "export_conversation_log", "gate_on_answers", "install_shipped_adapter", "head_config", "head_report",
-           "ingest_paths", "list_adapters", "load_head", "load_splits", "merge_adapter", "promote_adapter", "reindex",
+           "ingest_paths", "list_adapters", "load_head", "load_splits", "merge_adapter", "pack_adapter", "promote_adapter", "reindex",
            "render_guidelines", "retrieval_table", "rollback_adapter", "save_uploads", "train_adapter",
            "train_from_approved", "train_head"]

@@ -368,6 +368,14 @@ def merge_adapter(settings, name: str, out: str | Path) -> Path:
     return export.merge_adapter(name, out, adapter_options(settings))
 
 
+def pack_adapter(settings, name: str, out: str | Path, dtype: str = "float16") -> str:
+    """Copy adapter ``name`` for shipping at ``out``, weights cast to ``dtype``
+    (:func:`finetune.adapters.export.pack_adapter`); returns the packed copy's version."""
+    from finetune.adapters import export
+
+    return export.pack_adapter(name, out, adapter_options(settings), dtype).version
+
+
 def export_adapter_int8(settings, name: str, out: str | Path, measure: bool = False) -> dict:
     """Write adapter ``name`` merged and dynamically quantized to int8 for CPU serving at ``out``
     (:func:`finetune.adapters.export.export_int8`); with ``measure``, the report compares it with the unmerged and

@@ -24,6 +24,7 @@ from finetune.adapters.registry import (
     MERGED,
     AdapterOptions,
     AdapterRecord,
+    adapter_version,
     atomic_write_json,
     merged_checkpoint,
     resolve_adapter,
@@ -85,6 +86,51 @@ def write_merged(rec: AdapterRecord, options: AdapterOptions) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+#: What :func:`pack_adapter` copies: the peft weights and config, the manifest, the held-out splits.
+PACKED_FILES = ("adapter_model.safetensors", "adapter_config.json", "splits.json", "validation.jsonl", "test.jsonl")
+
+
+def pack_adapter(ref: str | Path, out: str | Path, options: AdapterOptions, dtype: str = "float16") -> AdapterRecord:
+    """Copy an adapter for shipping (e.g. ``data/adapters/NAME`` in the product): the peft weights cast to
+    ``dtype`` (``float16`` halves the file; engines cast LoRA weights to the served dtype when they load them),
+    its config, manifest and held-out splits; no checkpoints, no merged copy. The manifest gets the new weights'
+    SHA-256 and a new version (same name and time, new hash), and ``packed_from`` (the version and weight hash it
+    was made from, and the dtype).
+
+    Raises:
+        AdapterError, NotFoundError: as :func:`~finetune.adapters.registry.resolve_adapter`; ``out`` exists;
+            ``dtype`` is not float16, bfloat16 or float32.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from chatbot.hashing import files_sha256
+
+    types = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if dtype not in types:
+        raise AdapterError(f"dtype must be one of {sorted(types)}, got {dtype!r}")
+    rec = resolve_adapter(ref, options)
+    out = Path(out)
+    if out.exists():
+        raise AdapterError(f"{str(out)!r} already exists; nothing was overwritten")
+    out.mkdir(parents=True)
+    for name in PACKED_FILES:
+        src = rec.path / name
+        if name == "adapter_model.safetensors":
+            tensors = {k: v.to(types[dtype]) if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+        elif src.is_file():
+            shutil.copy2(src, out / name)
+    manifest = dict(rec.manifest)
+    weights = files_sha256(sorted(out.glob("*.safetensors")))
+    manifest["packed_from"] = {"version": rec.version, "weights_sha256": manifest.get("weights_sha256"),
+                               "dtype": dtype}
+    manifest["weights_sha256"] = weights
+    manifest["version"] = adapter_version(rec.name, rec.created_at, weights)
+    atomic_write_json(out / "adapter.json", manifest)
+    return AdapterRecord.from_folder(out)
 
 
 INT8_WEIGHTS = "model_int8.safetensors"

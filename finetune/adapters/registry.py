@@ -146,6 +146,16 @@ class AdapterRecord:
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
 
+def adapter_version(name: str, created: str, weights_sha256: str) -> str:
+    """Versioned adapter name: ``<name>-<YYYYmmddHHMMSS>-<sha8>`` (at most 120 characters).
+
+    Unique per trained weights, so vLLM never confuses two adapters of one name.
+    """
+    stamp = created.replace("-", "").replace(":", "").replace("T", "")[:14]
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:96]
+    return f"{safe}-{stamp}-{weights_sha256[:8]}"
+
+
 def now() -> str:
     """The current UTC time as ``YYYY-mm-ddTHH:MM:SSZ``."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -334,6 +334,28 @@ def test_setup_serves_the_shipped_adapter_on_a_fresh_install_only(tiny, tmp_path
     assert install_shipped_adapter(Settings(data_dir=tmp_path / "var3", shipped_adapter=None)) == "shipped adapter: none"
 
 
+def test_pack_halves_the_weights_and_the_packed_copy_still_loads_and_changes_the_model(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from chatbot.config import Settings
+    from finetune.adapters.export import pack_adapter
+
+    s = Settings(model=tiny, data_dir=tmp_path / "var", engine="transformers")
+    o = adapter_options(s)
+    version = _fake_adapter(s.resolved_adapters_dir, "full", model_fingerprint(tiny), 2.0, 0.3, 0.9, "2026-01-01",
+                            base=tiny)
+    rec = pack_adapter("full", tmp_path / "shipped" / "full", o)
+    src, dst = (load_file(str(d / "adapter_model.safetensors")) for d in (s.resolved_adapters_dir / "full", rec.path))
+    assert {str(v.dtype) for v in dst.values()} == {"torch.float16"} and sorted(dst) == sorted(src)
+    assert rec.version != version and rec.version.startswith("full-20260101") and rec.name == "full"
+    assert rec.manifest["packed_from"]["version"] == version and rec.manifest["packed_from"]["dtype"] == "float16"
+    assert not (rec.path / "merged").exists()
+    with pytest.raises(AdapterError, match="already exists"):
+        pack_adapter("full", rec.path, o)
+    d = promote(rec.path, o)  # the load check: every tensor lands on a module and moves the logits
+    assert d.load_check.tensors == 8 and d.load_check.max_logit_change > 1e-4
+
+
 def test_promote_gate_and_rollback(tiny, tmp_path):
     from chatbot.config import Settings
 
