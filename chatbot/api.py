@@ -199,10 +199,7 @@ def create_app(settings: Settings | None = None, assistant=None, mount_ui: bool 
             app.state.assistant = a
         if a.router is not None:  # a broken head or policy stops the start with a clear error
             await asyncio.to_thread(a.router.warm)
-        # the promoted adapter (LIVE.json), if any, from the first request on; first, so that an engine serving it
-        # as a merged checkpoint starts on it rather than on the base model
-        await a.adapters.sync(a.engine)
-        await a.engine.start()
+        await a.start_engine()  # on the promoted adapter (LIVE.json), if any, from the first request on
         log.info("serving %s on engine %s (adapter %s)", a.engine.info.model, a.engine.info.name,
                  a.engine.info.adapter_version or "none")
 

@@ -541,6 +541,17 @@ class Assistant:
         router = Router.from_settings(settings) if settings.routing else None
         return cls(settings, engine, retriever, Store(database_url or settings.resolved_database_url), router=router)
 
+    async def start_engine(self) -> None:
+        """Start the engine on what ``LIVE.json`` names (no-op when started; then it only applies a changed
+        pointer). The pointer is applied first, so that an engine serving the live adapter as a merged checkpoint
+        starts on it instead of starting on the base model and switching in the background.
+
+        Raises:
+            EngineError: the engine cannot start.
+        """
+        await self.adapters.sync(self.engine)
+        await self.engine.start()
+
     async def start_turn(
         self,
         conversation_id: str | None,
@@ -651,8 +662,7 @@ class Assistant:
                 turn.evidence = evidence
                 turn.fixed_reply, turn.answer_kind = turn._replier.extractive_reply(turn)
                 return turn
-        await self.adapters.sync(self.engine)  # a promoted adapter goes live here (before start: merged checkpoints)
-        await self.engine.start()
+        await self.start_engine()  # a promoted adapter goes live here
         prompt_hits = hits
         if evidence is not None and s.prompt_max_units:  # only the passage sentences that matter (shorter prefill)
             prompt_hits = evidence.focus(hits, s.prompt_max_units)

@@ -50,7 +50,10 @@ def cmd_eval_answers(args) -> int:
         base = Assistant.from_settings(s, index_dir, f"sqlite:///{Path(tmp) / 'eval.db'}")
 
         async def go() -> None:
-            await base.engine.start()
+            if args.adapters:  # pinned below, one after the other
+                await base.engine.start()
+            else:  # what is served: the live adapter, as the server would load it
+                await base.start_engine()
             try:
                 for ref, target in targets:
                     for mode in modes:

@@ -53,7 +53,7 @@ def cmd_chat(args) -> int:
 
     async def run() -> None:
         a = Assistant.from_settings(s)
-        await a.engine.start()
+        await a.start_engine()
         conv = None
         print("Type your question (empty line or Ctrl-D to quit).", flush=True)
         try:
