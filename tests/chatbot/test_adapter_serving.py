@@ -155,3 +155,50 @@ def test_transformers_engine_refuses_an_adapter_whose_tensors_match_nothing(tiny
     with pytest.raises(EngineError, match="8 adapter tensors are missing from the checkpoint"):
         asyncio.run(engine.set_adapter(str(renamed), "renamed-v"))
     assert engine.info.adapter_version == "good-v" and list(engine._model.peft_config) == ["good-v"]
+
+
+class _CheckpointEngine:
+    """Records how the watcher switches it (an engine with ``set_checkpoint``, as vLLM has)."""
+
+    def __init__(self, model_path: str) -> None:
+        self.model_path = model_path
+        self.info = EngineInfo("fake", "m", 512)
+        self.pending_adapter = self.pending_reason = None
+        self.calls: list[tuple] = []
+
+    async def set_checkpoint(self, path, version):
+        self.calls.append(("checkpoint", path, version))
+        self.info.adapter_version = version
+
+    async def set_adapter(self, path, version):
+        self.calls.append(("lora", path, version))
+        self.info.adapter_version = version
+
+
+def test_merged_serving_switches_checkpoints_and_refuses_an_adapter_without_one(tiny, tmp_path):
+    """adapter_serving=merged (the default): promotion through the service writes <adapter>/merged and the watcher
+    puts the engine on it; an adapter made live without one (the registry's own promote) is refused with the reason
+    and the engine keeps what it served; rollback to the base model goes back to the base checkpoint; with
+    adapter_serving=lora the same engine gets LoRA."""
+    from chatbot.config import Settings
+    from chatbot.operations import promote_adapter
+
+    s = Settings(model=tiny, data_dir=tmp_path, engine="transformers")
+    reg, sha = s.resolved_adapters_dir, model_fingerprint(tiny)
+    v1 = _fake_adapter(reg, "one", sha, 2.0, 0.30, 0.90, "2026-01-01", base=tiny)
+    v2 = _fake_adapter(reg, "two", sha, 1.9, 0.31, 0.95, "2026-01-02", base=tiny)
+    eng, w = _CheckpointEngine(tiny), LiveAdapterWatcher(s)
+    promote_adapter(s, "one", user="olga")
+    assert asyncio.run(w.sync(eng)) == v1 and eng.calls == [("checkpoint", str(reg / "one" / "merged"), v1)]
+    promote("two", adapter_options(s))  # LIVE.json names it, but nothing wrote its merged checkpoint
+    assert asyncio.run(w.sync(eng)) == v1 and len(eng.calls) == 1
+    assert w.last_error.startswith(f"not serving adapter {v2!r}: it has no merged checkpoint")
+    rollback(adapter_options(s))  # back to one: what the engine serves already
+    assert asyncio.run(w.sync(eng)) == v1 and len(eng.calls) == 1 and w.last_error is None
+    rollback(adapter_options(s))  # the base model
+    assert asyncio.run(w.sync(eng)) is None and eng.calls[-1] == ("checkpoint", None, None)
+
+    lora = LiveAdapterWatcher(s.model_copy(update={"adapter_serving": "lora"}))
+    promote_adapter(s.model_copy(update={"adapter_serving": "lora"}), "two", user="olga")
+    assert asyncio.run(lora.sync(eng)) == v2 and eng.calls[-1] == ("lora", str(reg / "two"), v2)
+    assert not (reg / "two" / "merged").exists()
