@@ -126,34 +126,46 @@ class AnswerGateDecision:
 
 class PinnedAdapter:
     """Keeps an engine on one adapter (``path`` None: the base model): the evaluation's stand-in for the
-    live-adapter watcher, so the run is not switched to whatever ``LIVE.json`` names."""
+    live-adapter watcher, so the run is not switched to whatever ``LIVE.json`` names.
 
-    def __init__(self, path: str | None, version: str | None) -> None:
-        self.path, self.version = path, version
+    ``checkpoint``: the adapter's merged checkpoint (``adapter_serving="merged"``); an engine that can switch
+    checkpoints (vLLM) then loads it, as the servers will, and the evaluation starts only once it is served.
+    With ``path`` None, such an engine goes back to the base checkpoint when it serves another one.
+    """
+
+    def __init__(self, path: str | None, version: str | None, checkpoint: str | None = None) -> None:
+        self.path, self.version, self.checkpoint = path, version, checkpoint
 
     async def sync(self, engine) -> None:
+        if hasattr(engine, "set_checkpoint"):
+            if self.checkpoint is not None:
+                if engine.checkpoint != self.checkpoint or engine.info.adapter_version != self.version:
+                    await engine.set_checkpoint(self.checkpoint, self.version, wait=True)
+                return
+            if engine.checkpoint != engine.model_path:  # LoRA, or the base model, on the base weights
+                await engine.set_checkpoint(None, None, wait=True)
         if engine.info.adapter_version != self.version:
             await engine.set_adapter(self.path, self.version)
 
 
-async def evaluate_answers(assistant, cases: Sequence[AnswerCase], adapter: tuple[str, str] | None,
+async def evaluate_answers(assistant, cases: Sequence[AnswerCase], adapter: tuple | None,
                            concurrency: int = 8) -> dict:
-    """Answer ``cases`` with ``assistant``'s engine on ``adapter`` (``(path, version)``; None: the base model) and
+    """Answer ``cases`` with ``assistant``'s engine on ``adapter`` (``(path, version)`` or ``(path, version,
+    merged checkpoint)``, as :class:`PinnedAdapter` takes them; None: the base model) and
     return the summary (:func:`chatbot.answer_eval.summarize`).
 
     Raises:
         EngineError: the engine cannot load the adapter.
     """
-    path, version = adapter if adapter is not None else (None, None)
-    assistant.adapters = PinnedAdapter(path, version)
+    assistant.adapters = PinnedAdapter(*(adapter or (None, None)))
     await assistant.adapters.sync(assistant.engine)
     return summarize(await run_answer_eval(assistant, cases, concurrency))
 
 
-async def answer_gate(assistant, cases: Sequence[AnswerCase], candidate: tuple[str, str],
-                      reference: tuple[str, str] | None, options: AnswerGateOptions | None = None,
+async def answer_gate(assistant, cases: Sequence[AnswerCase], candidate: tuple,
+                      reference: tuple | None, options: AnswerGateOptions | None = None,
                       dataset: str = "") -> AnswerGateDecision:
-    """Judge ``candidate`` (``(path, version)``) against ``reference`` (the live adapter, or None for the base
+    """Judge ``candidate`` (``(path, version[, merged checkpoint])``) against ``reference`` (the live adapter, or None for the base
     model) on ``cases``, with ``assistant`` (its engine must load adapters; its ``answer_mode`` should be
     ``options.mode``). The engine is left on the reference, so a refused candidate is not what it serves.
 

@@ -43,8 +43,8 @@ def cmd_eval_answers(args) -> int:
     except ChatbotError as exc:
         print(f"error: --adapters: {exc}", file=sys.stderr)
         return 2
-    if args.adapters and any(t is not None for _, t in targets):
-        s = s.model_copy(update={"enable_lora": True})  # one engine, switched between the adapters
+    if args.adapters and any(t is not None for _, t in targets) and s.adapter_serving == "lora":
+        s = s.model_copy(update={"enable_lora": True})  # one engine, switched between the adapters by LoRA
     runs = []
     with tempfile.TemporaryDirectory() as tmp:  # the evaluation's conversations stay out of the log
         base = Assistant.from_settings(s, index_dir, f"sqlite:///{Path(tmp) / 'eval.db'}")

@@ -227,7 +227,7 @@ class VLLMEngine(Engine):
             self._retiring.remove(old)
             old.shutdown()
 
-    async def set_checkpoint(self, path: str | None, version: str | None) -> None:
+    async def set_checkpoint(self, path: str | None, version: str | None, wait: bool = False) -> None:
         """Serve another checkpoint of the same base model without a restart: an adapter merged into the weights
         (``path``; served like the base model, without the LoRA cost per request), or the base model again
         (``path`` None). The running engine keeps answering while one on the new weights is built in the
@@ -236,6 +236,11 @@ class VLLMEngine(Engine):
         ``pending_adapter`` / ``pending_reason`` say what is coming; a failed build leaves the old engine serving
         and says why in ``pending_reason``. Before :meth:`start`, the engine simply starts on ``path``.
         A LoRA adapter set by :meth:`set_adapter` is dropped: the new weights are served as they are.
+
+        ``wait``: return only once the new engine serves (an evaluation must not measure the old weights).
+
+        Raises:
+            EngineError: with ``wait``, the engine could not be built on ``path`` (the old one still serves).
         """
         path = str(path or self.model_path)
         version = version if path != self.model_path else None
@@ -254,6 +259,12 @@ class VLLMEngine(Engine):
         self.pending_reason = (f"{what}, not yet served: vLLM is loading {path} in the background and switches to "
                                "it when ready (no restart needed)")
         log.warning("%s", self.pending_reason)
+        if wait:
+            task = self._rebuild
+            if task is not None:
+                await asyncio.shield(task)
+            if self.checkpoint != path:
+                raise EngineError(self.pending_reason or f"vLLM did not switch to {path!r}")
 
     async def _rebuild_on_checkpoint(self) -> None:
         """Build an engine on the checkpoint asked for (``_want_checkpoint``, again if it changed meanwhile),

@@ -153,17 +153,25 @@ def answer_gate_options(settings):
                              mode=settings.adapter_gate_answers_mode)
 
 
-def adapter_target(settings, ref: str) -> tuple[str, str] | None:
-    """What an engine loads for ``ref``: ``(folder, version)`` of the registered adapter named (or of an adapter
-    folder, or a version string), ``None`` for ``"base"`` (the base model without an adapter).
+def adapter_target(settings, ref: str) -> tuple[str, str, str | None] | None:
+    """What an engine loads for ``ref``, as :class:`chatbot.answer_gate.PinnedAdapter` takes it: ``(folder,
+    version, merged checkpoint)`` of the registered adapter named (or of an adapter folder, or a version string;
+    the checkpoint with ``adapter_serving="merged"``, written on first use), ``None`` for ``"base"`` (the base
+    model without an adapter).
 
     Raises:
         NotFoundError: no such adapter. AdapterError: the folder is not a valid adapter.
     """
     if ref == "base":
         return None
-    rec = registry.resolve_adapter(ref, adapter_options(settings))
-    return str(rec.path), rec.version
+    return _served_form(settings, registry.resolve_adapter(ref, adapter_options(settings)))
+
+
+def _served_form(settings, rec) -> tuple[str, str, str | None]:
+    """``(folder, version, merged checkpoint or None)``: how the servers load ``rec`` (with
+    ``adapter_serving="merged"`` its merged checkpoint, written now if it has none)."""
+    prepare = serving_preparation(settings)
+    return str(rec.path), rec.version, (str(prepare(rec)) if prepare is not None else None)
 
 
 def gate_on_answers(settings, name: str, assistant=None):
@@ -192,14 +200,14 @@ def gate_on_answers(settings, name: str, assistant=None):
     live = registry.live_adapter(opts)
     cases = load_answer_set(settings.adapter_gate_answers_dataset)[: settings.adapter_gate_answers_limit]
     gate_opts = answer_gate_options(settings)
-    reference = (str(live.path), live.version) if live is not None else None
-    s = settings.model_copy(update={"answer_mode": gate_opts.mode, "enable_lora": True})
+    reference = _served_form(settings, live) if live is not None else None
+    s = settings.model_copy(update={"answer_mode": gate_opts.mode, "enable_lora": settings.adapter_serving == "lora"})
 
     async def run(a, own_engine: bool):
         if own_engine:
             await a.engine.start()
         try:
-            return await answer_gate(a, cases, (str(cand.path), cand.version), reference, gate_opts,
+            return await answer_gate(a, cases, _served_form(settings, cand), reference, gate_opts,
                                      str(settings.adapter_gate_answers_dataset))
         finally:
             if own_engine:

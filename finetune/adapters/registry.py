@@ -296,7 +296,7 @@ def install_adapter(folder: str | Path, options: AdapterOptions) -> tuple[Adapte
     options.adapters_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}-", dir=options.adapters_dir))
     try:  # copied aside, then renamed: a reader never sees half an adapter
-        shutil.copytree(src.path, tmp, dirs_exist_ok=True)
+        shutil.copytree(src.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MERGED, f".{MERGED}-*"))
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

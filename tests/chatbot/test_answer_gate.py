@@ -177,5 +177,36 @@ def test_eval_answers_compares_adapters_in_one_table(tmp_path, index_dir, embedd
     report = json.loads(out.read_text())
     assert [r["mode"] for r in report["runs"]] == ["base generate", "base verified", "good generate", "good verified"]
     assert (report["runs"][0]["summary"]["correct"], report["runs"][2]["summary"]["correct"]) == (0.0, 1.0)
-    assert report["adapter"] == ["base", "good"] and built == [True]
+    assert report["adapter"] == ["base", "good"] and built == [None]  # merged serving (default): no LoRA support
     assert engine.switches == ["good-1"]  # the engine started on the base model, switched once
+
+
+def test_pinned_adapter_loads_the_merged_checkpoint_as_served_and_returns_to_the_base_weights():
+    """An evaluation pins vLLM to what the servers load: the merged checkpoint (waiting until it is served), the
+    base weights for the base model, and the base weights under a LoRA adapter."""
+    from chatbot.answer_gate import PinnedAdapter
+    from chatbot.engines.base import EngineInfo
+
+    class CheckpointEngine:
+        model_path = "/base"
+
+        def __init__(self):
+            self.checkpoint, self.info, self.calls = "/base", EngineInfo("fake", "m", 512), []
+
+        async def set_checkpoint(self, path, version, wait=False):
+            self.calls.append(("checkpoint", path, version, wait))
+            self.checkpoint, self.info.adapter_version = path or "/base", version
+
+        async def set_adapter(self, path, version):
+            self.calls.append(("lora", path, version))
+            self.info.adapter_version = version
+
+    e = CheckpointEngine()
+    asyncio.run(PinnedAdapter("/reg/a", "a-1", "/reg/a/merged").sync(e))
+    asyncio.run(PinnedAdapter("/reg/a", "a-1", "/reg/a/merged").sync(e))  # already served: nothing to do
+    asyncio.run(PinnedAdapter(None, None).sync(e))
+    asyncio.run(PinnedAdapter("/reg/a", "a-1", "/reg/a/merged").sync(e))
+    asyncio.run(PinnedAdapter("/reg/b", "b-1").sync(e))  # LoRA: on the base weights
+    assert e.calls == [("checkpoint", "/reg/a/merged", "a-1", True), ("checkpoint", None, None, True),
+                       ("checkpoint", "/reg/a/merged", "a-1", True), ("checkpoint", None, None, True),
+                       ("lora", "/reg/b", "b-1")]
