@@ -233,7 +233,9 @@ def main() -> int:
     kb = ROOT / "data" / "kb"
     results: dict[str, dict[int, dict]] = {s: {} for s in systems}
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    env = {"MAX_NEW_TOKENS": str(args.max_tokens), "MAX_MODEL_LEN": "2048", "MAX_QUEUED": "512", **overrides}
+    # all simulated customers come from 127.0.0.1: lift the per-client admission limit (CHATBOT_MAX_PER_CLIENT)
+    env = {"MAX_NEW_TOKENS": str(args.max_tokens), "MAX_MODEL_LEN": "2048", "MAX_QUEUED": "512",
+           "MAX_PER_CLIENT": "100000", "MAX_PER_CONVERSATION": "100000", **overrides}
     for system in systems:
         if system.startswith("server-"):
             name, mode = system.split("/")

@@ -230,10 +230,11 @@ class Settings(BaseSettings):
         default=0.02, ge=0.0, description="Promotion gate: test self-stop rate may fall below the live one's by this."
     )
     adapter_gate_answers: bool = Field(
-        default=False,
+        default=True,
         description="Promotion gate on answers: before an adapter goes live, the candidate and the live model "
                     "answer adapter_gate_answers_dataset through the turn pipeline; it is refused when it lowers "
-                    "correct or K-Precision, or raises the unsupported-claim rate, by more than the tolerances.",
+                    "correct or K-Precision, or raises the unsupported-claim rate, by more than the tolerances "
+                    "(a few minutes on CPU; --no-judge-answers or false skips it).",
     )
     adapter_gate_answers_dataset: Path = Field(
         default=PROJECT_ROOT / "data" / "eval" / "kb" / "questions.jsonl",
