@@ -55,5 +55,6 @@ def test_vllm_dtype_and_lora_defaults_follow_the_hardware_and_the_registry(tmp_p
     (d / "adapter.json").write_text(json.dumps({
         "name": "a1", "version": "a1-1", "kind": "peft-lora", "created_at": "2026-01-01T00:00:00Z",
         "base_model": {"id": "m", "sha256": "x"}, "metrics": {}}))
-    assert lora_enabled(s) is True
-    assert lora_enabled(Settings(data_dir=tmp_path, enable_lora=False)) is False
+    assert lora_enabled(s) is False  # the default serves the live adapter merged: no LoRA support needed
+    assert lora_enabled(Settings(data_dir=tmp_path, adapter_serving="lora")) is True
+    assert lora_enabled(Settings(data_dir=tmp_path, enable_lora=False, adapter_serving="lora")) is False
