@@ -254,10 +254,10 @@ class VLLMEngine(Engine):
                 self.pending_adapter = self.pending_reason = None
                 return
             self._rebuild = asyncio.create_task(self._rebuild_on_checkpoint())
-        what = f"adapter {version!r} is live" if version else "the base model is live again"
+        what = f"adapter {version!r}" if version else "the base model"
         self.pending_adapter = version
-        self.pending_reason = (f"{what}, not yet served: vLLM is loading {path} in the background and switches to "
-                               "it when ready (no restart needed)")
+        self.pending_reason = (f"{what} is not served yet: vLLM is loading {path} in the background and switches "
+                               "to it when ready (no restart needed)")
         log.warning("%s", self.pending_reason)
         if wait:
             task = self._rebuild

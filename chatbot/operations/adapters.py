@@ -300,8 +300,11 @@ def install_shipped_adapter(settings) -> str:
     from finetune.adapters import gate
 
     folder = settings.shipped_adapter
-    if folder is None or not Path(folder).is_dir():
+    if folder is None:
         return "shipped adapter: none"
+    if not Path(folder).is_dir():
+        log.warning("the shipped adapter folder %s does not exist; the base model is served", folder)
+        return f"shipped adapter: {folder} does not exist (CHATBOT_SHIPPED_ADAPTER); the base model is served"
     opts = adapter_options(settings)
     if registry.read_live(opts)["events"]:
         live = registry.live_adapter(opts)

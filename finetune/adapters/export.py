@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -29,6 +30,8 @@ from finetune.adapters.registry import (
     merged_checkpoint,
     resolve_adapter,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _merged(rec: AdapterRecord, options: AdapterOptions):
@@ -75,6 +78,7 @@ def write_merged(rec: AdapterRecord, options: AdapterOptions) -> Path:
     have = merged_checkpoint(rec)
     if have is not None:
         return have
+    log.info("writing the merged checkpoint of %s to %s (once; the base model's size)", rec.version, rec.path / MERGED)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MERGED}-", dir=rec.path))
     try:  # on the served base model (promotion checked that the adapter was trained on these very weights)
         _save_merged(dataclasses.replace(rec, base_id=options.model), tmp, options)
@@ -115,21 +119,27 @@ def pack_adapter(ref: str | Path, out: str | Path, options: AdapterOptions, dtyp
     out = Path(out)
     if out.exists():
         raise AdapterError(f"{str(out)!r} already exists; nothing was overwritten")
-    out.mkdir(parents=True)
-    for name in PACKED_FILES:
-        src = rec.path / name
-        if name == "adapter_model.safetensors":
-            tensors = {k: v.to(types[dtype]) if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
-            save_file(tensors, str(out / name), metadata={"format": "pt"})
-        elif src.is_file():
-            shutil.copy2(src, out / name)
-    manifest = dict(rec.manifest)
-    weights = files_sha256(sorted(out.glob("*.safetensors")))
-    manifest["packed_from"] = {"version": rec.version, "weights_sha256": manifest.get("weights_sha256"),
-                               "dtype": dtype}
-    manifest["weights_sha256"] = weights
-    manifest["version"] = adapter_version(rec.name, rec.created_at, weights)
-    atomic_write_json(out / "adapter.json", manifest)
+    try:
+        out.mkdir(parents=True)
+        for name in PACKED_FILES:
+            src = rec.path / name
+            if name == "adapter_model.safetensors":
+                tensors = {k: v.to(types[dtype]) if v.is_floating_point() else v
+                           for k, v in load_file(str(src)).items()}
+                save_file(tensors, str(out / name), metadata={"format": "pt"})
+            elif src.is_file():
+                shutil.copy2(src, out / name)
+        manifest = dict(rec.manifest)
+        weights = files_sha256(sorted(out.glob("*.safetensors")))
+        manifest["packed_from"] = {"version": rec.version, "weights_sha256": manifest.get("weights_sha256"),
+                                   "dtype": dtype}
+        manifest["weights_sha256"] = weights
+        manifest["version"] = adapter_version(rec.name, rec.created_at, weights)
+        atomic_write_json(out / "adapter.json", manifest)
+        for f in out.iterdir():  # a copy to ship: readable by all, as the files it came from
+            f.chmod(0o644)
+    except OSError as exc:
+        raise AdapterError(f"cannot write the packed adapter to {str(out)!r}: {exc}") from exc
     return AdapterRecord.from_folder(out)
 
 

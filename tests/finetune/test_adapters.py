@@ -332,6 +332,9 @@ def test_setup_serves_the_shipped_adapter_on_a_fresh_install_only(tiny, tmp_path
                            "was trained on base model 'tiny'")
     assert live_adapter(adapter_options(s2)) is None and read_audit(adapter_options(s2)) == []
     assert install_shipped_adapter(Settings(data_dir=tmp_path / "var3", shipped_adapter=None)) == "shipped adapter: none"
+    missing = tmp_path / "no-such-adapter"  # a mistyped path is said, not taken for "none"
+    assert install_shipped_adapter(Settings(data_dir=tmp_path / "var3", shipped_adapter=missing)) == (
+        f"shipped adapter: {missing} does not exist (CHATBOT_SHIPPED_ADAPTER); the base model is served")
 
 
 def test_pack_halves_the_weights_and_the_packed_copy_still_loads_and_changes_the_model(tiny, tmp_path):
@@ -352,6 +355,11 @@ def test_pack_halves_the_weights_and_the_packed_copy_still_loads_and_changes_the
     assert not (rec.path / "merged").exists()
     with pytest.raises(AdapterError, match="already exists"):
         pack_adapter("full", rec.path, o)
+    assert {oct(f.stat().st_mode & 0o777) for f in rec.path.iterdir()} == {"0o644"}  # a copy to ship
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(AdapterError, match="cannot write the packed adapter to"):
+        pack_adapter("full", blocker / "packed", o)  # a parent that is a file: a clear error, no traceback
     d = promote(rec.path, o)  # the load check: every tensor lands on a module and moves the logits
     assert d.load_check.tensors == 8 and d.load_check.max_logit_change > 1e-4
 
