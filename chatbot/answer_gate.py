@@ -165,9 +165,9 @@ async def evaluate_answers(assistant, cases: Sequence[AnswerCase], adapter: tupl
 async def answer_gate(assistant, cases: Sequence[AnswerCase], candidate: tuple,
                       reference: tuple | None, options: AnswerGateOptions | None = None,
                       dataset: str = "") -> AnswerGateDecision:
-    """Judge ``candidate`` (``(path, version[, merged checkpoint])``) against ``reference`` (the live adapter, or None for the base
-    model) on ``cases``, with ``assistant`` (its engine must load adapters; its ``answer_mode`` should be
-    ``options.mode``). The engine is left on the reference, so a refused candidate is not what it serves.
+    """Judge ``candidate`` (``(path, version[, merged checkpoint])``) against ``reference`` (the live adapter, or
+    None for the base model) on ``cases``, with ``assistant`` (its engine must load adapters; its ``answer_mode``
+    should be ``options.mode``). The engine is left on the reference, so a refused candidate is not what it serves.
 
     Raises:
         InvalidInputError: no case.

@@ -189,16 +189,14 @@ class VLLMEngine(Engine):
 
         t0 = time.perf_counter()
         try:
-            new = await asyncio.to_thread(self._build, True)
-        except Exception as exc:
-            self.pending_adapter = None
-            self.pending_reason = (f"vLLM was started without LoRA support and the engine with LoRA support could not "
-                                   f"be built: {exc}; restart the server with CHATBOT_ENABLE_LORA=true")
-            log.error("%s", self.pending_reason)
-            return
+            new = await self._build_beside(True, None, lambda exc: (
+                f"vLLM was started without LoRA support and the engine with LoRA support could not be built: {exc}; "
+                "restart the server with CHATBOT_ENABLE_LORA=true"))
         finally:
             self._rebuild = None
-        old, self._engine = self._engine, new
+        if new is None:
+            return
+        self._switch_to(new)
         self.enable_lora = True
         self.info.extra["lora"] = True
         self.rebuild_s = time.perf_counter() - t0
@@ -214,6 +212,21 @@ class VLLMEngine(Engine):
             except EngineError as exc:
                 self.pending_adapter, self.pending_reason = None, str(exc)
                 log.error("%s", exc)
+
+    async def _build_beside(self, enable_lora: bool, checkpoint: str | None, why_failed) -> object | None:
+        """A new ``AsyncLLM`` built in a thread while the running one keeps answering, or None when the build
+        failed: then ``pending_reason`` is ``why_failed(exception)`` (logged) and nothing is pending."""
+        try:
+            return await asyncio.to_thread(self._build, enable_lora, checkpoint)
+        except Exception as exc:
+            self.pending_adapter = None
+            self.pending_reason = why_failed(exc)
+            log.error("%s", self.pending_reason)
+            return None
+
+    def _switch_to(self, new) -> None:
+        """Send new requests to ``new``; the engine they went to is shut down once its requests are done."""
+        old, self._engine = self._engine, new
         if old is not None:
             self._retiring.append(old)
             asyncio.create_task(self._retire(old))
@@ -275,21 +288,16 @@ class VLLMEngine(Engine):
         try:
             while self._want_checkpoint is not None and self._want_checkpoint[0] != self.checkpoint:
                 path, version = self._want_checkpoint
-                try:
-                    new = await asyncio.to_thread(self._build, self.enable_lora, path)
-                except Exception as exc:
-                    self.pending_adapter = None
-                    self.pending_reason = (f"vLLM cannot serve {path!r}: {exc}; it keeps serving "
-                                           f"{self.info.adapter_version or 'the base model'}")
-                    log.error("%s", self.pending_reason)
+                new = await self._build_beside(self.enable_lora, path, lambda exc: (
+                    f"vLLM cannot serve {path!r}: {exc}; it keeps serving "
+                    f"{self.info.adapter_version or 'the base model'}"))
+                if new is None:
                     return
-                old, self._engine = self._engine, new
+                self._switch_to(new)
                 self.checkpoint, self._lora, self.info.adapter_version = path, None, version
                 self.rebuild_s = time.perf_counter() - t0
                 log.info("vLLM engine now on %s (adapter %s), built in %.1f s", path, version or "none",
                          self.rebuild_s)
-                self._retiring.append(old)
-                asyncio.create_task(self._retire(old))
             if self._want_checkpoint is not None:
                 self.info.adapter_version = self._want_checkpoint[1]
             self.pending_adapter = self.pending_reason = None

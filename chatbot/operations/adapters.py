@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from chatbot.errors import InvalidInputError, TooLittleDataError
+from chatbot.errors import AdapterError, InvalidInputError, NotFoundError, TooLittleDataError
 from chatbot.operations.jobs import Report, TqdmWatcher
 from chatbot.options import adapter_options, registry_dir
 from finetune.adapters import registry
@@ -260,7 +260,6 @@ def promote_adapter(settings, name: str, user: str | None = None, via: str = "co
         AdapterError: the load check, the gate or the answer gate refused it, or no such adapter (the message says
             why, with the answer gate's table).
     """
-    from chatbot.errors import AdapterError
     from finetune.adapters import gate
 
     if not name:
@@ -296,7 +295,6 @@ def install_shipped_adapter(settings) -> str:
     Raises:
         AdapterError: the registry's ``LIVE.json`` is unreadable.
     """
-    from chatbot.errors import AdapterError, NotFoundError
     from finetune.adapters import gate
 
     folder = settings.shipped_adapter
