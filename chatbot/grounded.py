@@ -7,8 +7,17 @@ Each example is a chat dialogue ``{"id", "messages": [system, *history, user, as
   the configured system prompt, numbered fenced passages, the same token budget);
 * the passages are the case's gold passages placed among the retriever's own top-k distractors, in a shuffled
   order (so the model learns to find the answer, not a position);
-* the reply is the reference reply (written from the gold passages) with the gold passages' numbers as citation
-  markers, placed as the service's verified replies place them: ``... per order [2].``;
+* the reply (``GroundedOptions.reply``):
+
+  - ``supported`` (default): the reply a verified answer would show. Each sentence of the reference reply that
+    the service's :class:`~chatbot.verification.Verifier` supports is kept; one it would withhold (a paraphrase,
+    a follow-up question) is replaced by the gold passage sentences it was written from (those sharing the most
+    content tokens with it), quoted. Every sentence carries its citation ``[n]`` as the verified mode writes it
+    (:func:`chatbot.verification.cite`), and every one is checked again by the ``Verifier`` at build time, so the
+    model is never taught a sentence the service would withhold. Human replies in DSTC11 paraphrase their
+    snippets: 2 of 323 held-out reply sentences pass the verifier as written;
+  - ``reference``: the reference reply with the gold passages' numbers as citation markers at the end of its
+    first sentence (:func:`with_citations`);
 * an *unanswerable* example is the same question with the gold passages (and every chunk of their documents)
   removed; its reply is the service's abstention (``Settings.abstain_message``), which offers a person.
 
@@ -28,21 +37,26 @@ import logging
 import random
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from chatbot.config import DEFAULT_MIN_OVERLAP
 from chatbot.engines.base import ChatMessage
 from chatbot.errors import InvalidInputError
 from chatbot.jsonl import iter_jsonl
 from chatbot.prompts import build_prompt
-from chatbot.verification import sanitize_passage
+from chatbot.verification import Verifier, cite, content_tokens, sanitize_passage, split_sentences, strip_markers
 from retrieval.documents import Hit
 
 log = logging.getLogger(__name__)
 
 #: Search: ``(query, top_k) -> hits, best first`` (the retriever's ``search``).
 Search = Callable[[str, int], list[Hit]]
+
+#: what an answerable example's reply is made of (:attr:`GroundedOptions.reply`)
+REPLY_KINDS = ("supported", "reference")
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,9 @@ class GroundedOptions:
         validation: share of cases held out (by case id), in [0, 1).
         seed: for the passage order and the unanswerable draw (each case's draw depends only on it and its id).
         candidates: hits searched per case to find distractors outside the gold documents (>= ``passages``).
+        reply: ``supported`` (sentences the verifier supports, see the module docstring) or ``reference``.
+        min_overlap: the verifier's ``min_overlap`` for ``supported`` replies (``Settings.verify_min_overlap``).
+        max_quotes: passage sentences a ``supported`` reply quotes at most, >= 1.
     """
 
     passages: int = 3
@@ -83,6 +100,9 @@ class GroundedOptions:
     validation: float = 0.1
     seed: int = 13
     candidates: int = 20
+    reply: str = "supported"
+    min_overlap: float = DEFAULT_MIN_OVERLAP
+    max_quotes: int = 3
 
     def __post_init__(self) -> None:
         if self.passages < 1:
@@ -93,6 +113,12 @@ class GroundedOptions:
             raise InvalidInputError(f"validation must be in [0, 1), got {self.validation}")
         if self.candidates < self.passages:
             raise InvalidInputError(f"candidates must be >= passages ({self.passages}), got {self.candidates}")
+        if self.reply not in REPLY_KINDS:
+            raise InvalidInputError(f"reply must be one of {', '.join(REPLY_KINDS)}, got {self.reply!r}")
+        if not 0.0 < self.min_overlap <= 1.0:
+            raise InvalidInputError(f"min_overlap must be in (0, 1], got {self.min_overlap}")
+        if self.max_quotes < 1:
+            raise InvalidInputError(f"max_quotes must be >= 1, got {self.max_quotes}")
 
 
 def normalize(text: str) -> str:
@@ -165,6 +191,72 @@ def with_citations(reply: str, numbers: Sequence[int]) -> str:
     return f"{reply} {marks}"
 
 
+def supported_reply(reply: str, passages: Sequence[str], gold_numbers: Sequence[int], question: str,
+                    min_overlap: float = DEFAULT_MIN_OVERLAP, max_quotes: int = 3) -> tuple[str, dict]:
+    """The reply a verified answer would show, made from a reference ``reply`` written from the gold passages.
+
+    Each sentence of ``reply`` (in order) is
+
+    * kept, with its citation, when the service's :class:`~chatbot.verification.Verifier` over ``passages``
+      supports it;
+    * else replaced by the gold passage sentences (units of the passages numbered ``gold_numbers``, 1-based) that
+      share at least two content tokens with it, most shared first, quoted whole with their citation. Questions
+      ("Would you like ...?") among them are never quoted; a passage sentence is quoted once;
+    * else dropped (nothing in the gold passages says it).
+
+    At most ``max_quotes`` quoted sentences; every sentence of the result is checked again by the ``Verifier``
+    (one that fails, such as an ``echo`` of the question, is dropped).
+
+    Args:
+        reply: the reference reply (citation markers ignored).
+        passages: the prompt's passage texts, in prompt order (passage ``i`` is ``[i+1]``).
+        gold_numbers: the numbers of the passages the reply was written from.
+        question: the customer's message (a sentence that only repeats it is not supported).
+        min_overlap: the verifier's threshold (``Settings.verify_min_overlap``).
+        max_quotes: quoted passage sentences at most.
+
+    Returns:
+        ``(text, counts)``: the reply (``""`` when no sentence is left) and the sentence counts ``kept``,
+        ``quoted``, ``dropped`` and ``rejected`` (failed the final check).
+    """
+    verifier = Verifier(passages, min_overlap, question=question)
+    gold = set(gold_numbers)
+    units = [(u, set(content_tokens(u.text))) for u in verifier.units
+             if u.passage in gold and not u.text.rstrip().endswith("?")]
+    counts = {"kept": 0, "quoted": 0, "dropped": 0, "rejected": 0}
+    parts: list[str] = []
+    used: set[tuple[int, int]] = set()
+    for sent in split_sentences(strip_markers(reply)):
+        if not sent.strip():
+            continue
+        v = verifier.check(sent)
+        if v.supported and v.unit is not None:
+            used.add((v.unit.passage, v.unit.start))
+            parts.append(cite(sent, v.unit.passage))
+            counts["kept"] += 1
+            continue
+        tokens = set(content_tokens(sent))
+        ranked = sorted(((len(tokens & ut), i) for i, (u, ut) in enumerate(units)
+                         if (u.passage, u.start) not in used), key=lambda x: (-x[0], x[1]))
+        quotes = [units[i][0] for shared, i in ranked if shared >= 2]
+        if not quotes:
+            counts["dropped"] += 1
+            continue
+        for u in quotes:
+            if counts["quoted"] >= max_quotes:
+                break
+            used.add((u.passage, u.start))
+            parts.append(cite(u.text, u.passage))
+            counts["quoted"] += 1
+    out = []
+    for part in parts:
+        if verifier.check(part).supported:
+            out.append(part)
+        else:
+            counts["rejected"] += 1
+    return " ".join(out), counts
+
+
 def _case_rng(seed: int, case_id: str) -> random.Random:
     digest = hashlib.sha256(f"{seed}\0{case_id}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
@@ -199,6 +291,8 @@ class GroundedBuilder:
         self.count_tokens = count_tokens
         self.budget_tokens = budget_tokens
         self.options = options or GroundedOptions()
+        #: cases that gave no answerable example, by reason (``no_fit``, ``no_supported_reply``)
+        self.skipped: Counter[str] = Counter()
 
     def _distractors(self, case: GroundedCase) -> list[Hit]:
         gold_docs = {h.doc_id for h in case.gold}
@@ -212,19 +306,32 @@ class GroundedBuilder:
         gold_docs = {h.doc_id for h in case.gold}
         numbers = [i for i, h in enumerate(prompt.hits, 1) if h.doc_id in gold_docs]
         if answerable and not numbers:
-            return None  # the gold passages did not fit the budget
-        reply = with_citations(case.reply, numbers) if answerable else self.abstain_message
-        kind = "answerable" if answerable else "unanswerable"
+            self.skipped["no_fit"] += 1  # the gold passages did not fit the budget
+            return None
+        meta = {"source": case.source, "case": case.id, "kind": "answerable" if answerable else "unanswerable",
+                "gold_numbers": numbers, "passages": [h.doc_id for h in prompt.hits],
+                "history_kept": prompt.history_kept}
+        if not answerable:
+            reply = self.abstain_message
+        elif self.options.reply == "reference":
+            reply = with_citations(case.reply, numbers)
+        else:
+            reply, meta["sentences"] = supported_reply(case.reply, [h.text for h in prompt.hits], numbers,
+                                                       case.question, self.options.min_overlap,
+                                                       self.options.max_quotes)
+            if not reply:
+                self.skipped["no_supported_reply"] += 1  # nothing of the reference reply is in the gold passages
+                return None
         return {
-            "id": f"{case.id}:{kind[0]}",
+            "id": f"{case.id}:{meta['kind'][0]}",
             "messages": [m.as_dict() for m in prompt.messages] + [{"role": "assistant", "content": reply}],
-            "meta": {"source": case.source, "case": case.id, "kind": kind, "gold_numbers": numbers,
-                     "passages": [h.doc_id for h in prompt.hits], "history_kept": prompt.history_kept},
+            "meta": meta,
         }
 
     def examples(self, case: GroundedCase) -> list[dict]:
         """The case's answerable example (gold among distractors, shuffled) and, for a share of cases, its
-        unanswerable one (distractors only, the abstention). Empty when the gold passages cannot fit.
+        unanswerable one (distractors only, the abstention). Empty when the gold passages cannot fit or, for
+        ``supported`` replies, when no sentence of the reference reply is in them (counted in :attr:`skipped`).
 
         Raises:
             InvalidInputError: the case has no gold passage.
@@ -237,10 +344,10 @@ class GroundedBuilder:
         gold = list(case.gold[: o.passages])
         passages = gold + distractors[: o.passages - len(gold)]
         rng.shuffle(passages)
-        out = []
         ex = self._example(case, passages, answerable=True)
-        if ex is not None:
-            out.append(ex)
+        if ex is None:
+            return []
+        out = [ex]
         if rng.random() < o.unanswerable and distractors:
             ex = self._example(case, distractors[: o.passages], answerable=False)
             if ex is not None:
@@ -266,8 +373,10 @@ def build_grounded_set(cases: Iterable[GroundedCase], builder: GroundedBuilder, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     o = builder.options
-    counts = {"cases": 0, "excluded": {}, "no_fit": 0, "train": {"answerable": 0, "unanswerable": 0},
-              "heldout": {"answerable": 0, "unanswerable": 0}}
+    counts = {"cases": 0, "excluded": {}, "no_fit": 0, "no_supported_reply": 0,
+              "train": {"answerable": 0, "unanswerable": 0}, "heldout": {"answerable": 0, "unanswerable": 0},
+              "reply_sentences": Counter()}
+    skipped_before = Counter(builder.skipped)
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
     for case in cases:
         counts["cases"] += 1
@@ -276,13 +385,14 @@ def build_grounded_set(cases: Iterable[GroundedCase], builder: GroundedBuilder, 
             counts["excluded"][why] = counts["excluded"].get(why, 0) + 1
             continue
         exs = builder.examples(case)
-        if not exs:
-            counts["no_fit"] += 1
-            continue
         split = "heldout" if held_out(case.id, o.validation, o.seed) else "train"
         for ex in exs:
             counts[split][ex["meta"]["kind"]] += 1
+            counts["reply_sentences"].update(ex["meta"].get("sentences", {}))
         splits[split].extend(exs)
+    for why, n in (builder.skipped - skipped_before).items():
+        counts[why] += n
+    counts["reply_sentences"] = dict(counts["reply_sentences"])
     if not splits["train"]:
         raise InvalidInputError(f"no training example could be made from {counts['cases']} case(s): {counts}")
     files = {}
@@ -294,7 +404,8 @@ def build_grounded_set(cases: Iterable[GroundedCase], builder: GroundedBuilder, 
         "kind": "grounded-sft",
         "sources": list(sources),
         "options": {"passages": o.passages, "unanswerable": o.unanswerable, "validation": o.validation,
-                    "seed": o.seed, "candidates": o.candidates, "budget_tokens": builder.budget_tokens},
+                    "seed": o.seed, "candidates": o.candidates, "budget_tokens": builder.budget_tokens,
+                    "reply": o.reply, "min_overlap": o.min_overlap, "max_quotes": o.max_quotes},
         "system_prompt_sha256": hashlib.sha256(builder.system_prompt.encode()).hexdigest(),
         "abstain_message": builder.abstain_message,
         "counts": counts,

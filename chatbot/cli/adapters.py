@@ -43,12 +43,19 @@ def cmd_build_sft(args) -> int:
     s = settings()
     exclude = [] if args.no_exclude else (args.exclude or [p for p in [PROJECT_ROOT / "data" / "eval"] if p.exists()])
     options = GroundedOptions(passages=args.passages or s.top_k, unanswerable=args.unanswerable,
-                              validation=args.validation, seed=args.seed)
+                              validation=args.validation, seed=args.seed, reply=args.reply,
+                              min_overlap=s.verify_min_overlap)
     m = build_grounded(s, args.out, dataset=args.dataset, qa=args.qa, docs=args.docs, from_store=args.from_store,
                        exclude=exclude, options=options, history_turns=args.history_turns, limit=args.limit)
     c = m["counts"]
     excluded = ", ".join(f"{n} ({why})" for why, n in c["excluded"].items()) or "none"
-    print(f"{c['cases']} cases; excluded {excluded}; gold passages did not fit the prompt: {c['no_fit']}")
+    print(f"{c['cases']} cases; excluded {excluded}; gold passages did not fit the prompt: {c['no_fit']}; "
+          f"no reply sentence in the gold passages: {c['no_supported_reply']}")
+    if c["reply_sentences"]:
+        r = c["reply_sentences"]
+        print(f"reply sentences: {r.get('kept', 0)} kept as written, {r.get('dropped', 0)} dropped (not in the "
+              f"gold passages), {r.get('quoted', 0)} gold passage sentences quoted for the others, "
+              f"{r.get('rejected', 0)} failed the final check")
     for split in ("train", "heldout"):
         print(f"{split}: {c[split]['answerable']} answerable + {c[split]['unanswerable']} unanswerable examples "
               f"({m['files'][split]['path']}, sha256 {m['files'][split]['sha256'][:12]})")
@@ -286,6 +293,10 @@ def register(sub, eval_targets) -> None:
     sp.add_argument("--passages", type=int, help="passages per prompt (default: CHATBOT_TOP_K)")
     sp.add_argument("--unanswerable", type=float, default=0.2, help="share of cases that also give an "
                     "unanswerable example (gold removed, the abstention)")
+    sp.add_argument("--reply", choices=["supported", "reference"], default="supported",
+                    help="supported: the reference reply's sentences the verifier supports, the gold passage "
+                    "sentences quoted for the others (what verified mode would show); reference: the reference "
+                    "reply as written, cited")
     sp.add_argument("--validation", type=float, default=0.1, help="share of cases held out (by case id)")
     sp.add_argument("--history-turns", type=int, default=0, help="earlier turns kept in the prompt (training "
                     "learns every assistant turn, so 0 keeps the loss on the grounded reply)")

@@ -17,8 +17,10 @@ from chatbot.grounded import (
     GroundedCase,
     GroundedOptions,
     build_grounded_set,
+    supported_reply,
     with_citations,
 )
+from chatbot.verification import Verifier
 from retrieval.documents import Hit
 from tests.chatbot.fakes import ScriptedEngine, make_assistant
 
@@ -63,7 +65,9 @@ def test_the_gold_passage_is_at_the_number_its_citation_names():
         shown = passages_of(msgs[0]["content"])
         (n,) = ex[0]["meta"]["gold_numbers"]
         assert len(shown) == 3 and shown[n] == GOLD.text
-        assert msgs[-1]["content"] == f"No, pets are not allowed [{n}]."
+        # "No, pets are not allowed." is a paraphrase the verifier withholds (3 of its 4 content tokens in the
+        # passage): the passage sentence it was written from is quoted instead, cited
+        assert msgs[-1]["content"] == f"Pets are not allowed at the Acorn [{n}]."
         assert ex[0]["meta"]["passages"].count(GOLD.doc_id) == 1  # the gold document once, not again as a distractor
         numbers.add(n)
     assert len(numbers) >= 2  # shuffled: the answer is not always first
@@ -86,6 +90,52 @@ def test_citation_markers_go_before_the_final_punctuation():
     assert with_citations("Free parking", [1]) == "Free parking [1]"
     assert with_citations("Yes, they have nice views. Would you like to book?", [1, 2]) == \
         "Yes, they have nice views [1][2]. Would you like to book?"
+
+
+HOTEL = ("# Acorn Guest House\n"
+         "Is there parking?\n"
+         "Free parking is available for 10 cars at the Acorn Guest House.\n"
+         "The lobby is open all night.")
+REVIEW = "We loved the quiet rooms and the parking right outside was easy."
+OTHER = "Parking at the Bridge Hotel costs $12.00 per night."
+
+
+def test_a_supported_reply_keeps_what_the_verifier_supports_and_quotes_the_gold_for_a_paraphrase():
+    passages = [OTHER, HOTEL, REVIEW]
+    reply = ("Free parking is available for 10 cars at the Acorn Guest House. "  # supported as written: kept
+             "Guests also say it is easy to park right outside. "  # a paraphrase of passage 3: quoted
+             "Would you like me to book a room?")  # a follow-up question: nothing in the gold passages says it
+    text, counts = supported_reply(reply, passages, [2, 3], "Is there parking at the Acorn?")
+    assert text == ("Free parking is available for 10 cars at the Acorn Guest House [2]. "
+                    "We loved the quiet rooms and the parking right outside was easy [3].")
+    assert counts == {"kept": 1, "quoted": 1, "dropped": 1, "rejected": 0}
+    v = Verifier(passages, question="Is there parking at the Acorn?")
+    assert all(v.check(s).supported for s in text.split(". "))
+
+
+def test_a_supported_reply_never_quotes_a_distractor_or_a_passage_question():
+    passages = [OTHER, HOTEL]
+    # shares "parking" + "costs" with the distractor and "parking" + "there" with the FAQ question only
+    text, counts = supported_reply("Is there parking? Parking costs extra.", passages, [2], "parking?")
+    assert "Bridge" not in text and "Is there parking?" not in text
+    assert text == "" and counts["dropped"] == 2
+    # at most max_quotes passage sentences
+    many = "Parking: 10 cars, free, lobby open all night, quiet rooms."
+    text, counts = supported_reply(many, [HOTEL, REVIEW], [1, 2], "tell me about it", max_quotes=1)
+    assert counts["quoted"] == 1 and text.count("[") == 1
+
+
+def test_a_case_whose_reply_is_not_in_its_gold_passages_gives_no_example_and_is_counted(tmp_path):
+    off = GroundedCase("off", "Can I bring my dog to the Acorn?", "Our staff love cats and birds.", (GOLD,))
+    m = build_grounded_set([case(0), off], builder(unanswerable=1.0, validation=0.0), tmp_path / "out")
+    assert m["counts"]["no_supported_reply"] == 1 and m["counts"]["no_fit"] == 0
+    assert m["counts"]["train"] == {"answerable": 1, "unanswerable": 1}  # the case is skipped whole
+    # sentence counts are those of the examples written (the skipped case's sentence is not among them)
+    assert m["counts"]["reply_sentences"] == {"kept": 0, "quoted": 1, "dropped": 0, "rejected": 0}
+    assert m["options"]["reply"] == "supported"
+    # the reference reply as written, on request
+    ex = builder(unanswerable=0.0, reply="reference").examples(off)
+    assert ex[0]["messages"][-1]["content"].startswith("Our staff love cats and birds [")
 
 
 class ListRetriever:
@@ -113,7 +163,7 @@ def test_the_builder_writes_the_prompt_the_service_builds(tmp_path):
     turn = asyncio.run(a.start_turn(None, question, history=history))
     s = a.settings
     b = GroundedBuilder(search, s.system_prompt, s.abstain_message, engine.count_prompt_tokens,
-                        s.max_model_len - s.max_new_tokens, GroundedOptions(passages=3))
+                        s.max_model_len - s.max_new_tokens, GroundedOptions(passages=3, reply="reference"))
     c = GroundedCase("c", question, "No, pets are not allowed.", (GOLD,), tuple(history))
     ex = b._example(c, hits, answerable=True)
     assert ex["messages"][:-1] == [m.as_dict() for m in turn.prompt.messages]
@@ -209,4 +259,4 @@ def test_approved_transcripts_become_cases_grounded_in_the_passages_they_cited(t
     ex = builder(unanswerable=0.0).examples(c)[0]
     (n,) = ex["meta"]["gold_numbers"]
     assert passages_of(ex["messages"][0]["content"])[n] == GOLD.text
-    assert ex["messages"][-1]["content"] == f"Sorry, no pets are allowed [{n}]."
+    assert ex["messages"][-1]["content"] == f"Pets are not allowed at the Acorn [{n}]."
