@@ -70,6 +70,10 @@ class GroundedCase:
         gold: the passages that answer it (``doc_id`` identifies each; the text is what the model is shown).
         history: earlier messages of the conversation, oldest first (user first).
         source: where the case comes from (``dstc11_track5``, a file name).
+        evidence: the texts within the gold passages that the reply was written from, when they are finer than
+            the passages (an FAQ answer or a review sentence inside a chunk of a longer document); empty: the
+            whole gold passages. A ``supported`` reply quotes only sentences of the evidence, and the dev-set
+            exclusion checks it.
     """
 
     id: str
@@ -78,6 +82,7 @@ class GroundedCase:
     gold: tuple[Hit, ...]
     history: tuple[ChatMessage, ...] = ()
     source: str = ""
+    evidence: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,14 +170,18 @@ class Exclusions:
                     ex.documents.append(normalize(f.read_text(encoding="utf-8", errors="replace")))
         return ex
 
+    def in_documents(self, text: str) -> bool:
+        """Whether ``text`` (normalized, at least ``min_passage_chars`` long) occurs in a dev-set document."""
+        t = normalize(text)
+        return len(t) >= self.min_passage_chars and any(t in d for d in self.documents)
+
     def reason(self, case: GroundedCase) -> str | None:
-        """Why ``case`` must be left out (``"dev question"``, ``"dev document"``), or None."""
+        """Why ``case`` must be left out (``"dev question"``, ``"dev document"``: a gold passage, or the case's
+        :attr:`GroundedCase.evidence` when it has some, is in a dev document), or None."""
         if normalize(case.question) in self.questions:
             return "dev question"
-        for h in case.gold:
-            t = normalize(h.text)
-            if len(t) >= self.min_passage_chars and any(t in d for d in self.documents):
-                return "dev document"
+        if any(self.in_documents(t) for t in case.evidence or [h.text for h in case.gold]):
+            return "dev document"
         return None
 
 
@@ -192,7 +201,8 @@ def with_citations(reply: str, numbers: Sequence[int]) -> str:
 
 
 def supported_reply(reply: str, passages: Sequence[str], gold_numbers: Sequence[int], question: str,
-                    min_overlap: float = DEFAULT_MIN_OVERLAP, max_quotes: int = 3) -> tuple[str, dict]:
+                    min_overlap: float = DEFAULT_MIN_OVERLAP, max_quotes: int = 3,
+                    evidence: Sequence[str] = ()) -> tuple[str, dict]:
     """The reply a verified answer would show, made from a reference ``reply`` written from the gold passages.
 
     Each sentence of ``reply`` (in order) is
@@ -214,6 +224,9 @@ def supported_reply(reply: str, passages: Sequence[str], gold_numbers: Sequence[
         question: the customer's message (a sentence that only repeats it is not supported).
         min_overlap: the verifier's threshold (``Settings.verify_min_overlap``).
         max_quotes: quoted passage sentences at most.
+        evidence: when given, only gold passage sentences inside one of these texts are quoted (a chunk of a
+            longer document holds other answers too: "Acorn Guest House has no gym" shares the entity's name with
+            every sentence about it).
 
     Returns:
         ``(text, counts)``: the reply (``""`` when no sentence is left) and the sentence counts ``kept``,
@@ -221,8 +234,10 @@ def supported_reply(reply: str, passages: Sequence[str], gold_numbers: Sequence[
     """
     verifier = Verifier(passages, min_overlap, question=question)
     gold = set(gold_numbers)
+    within = [normalize(t) for t in evidence]
     units = [(u, set(content_tokens(u.text))) for u in verifier.units
-             if u.passage in gold and not u.text.rstrip().endswith("?")]
+             if u.passage in gold and not u.text.rstrip().endswith("?")
+             and (not within or any(normalize(u.text) in t for t in within))]
     counts = {"kept": 0, "quoted": 0, "dropped": 0, "rejected": 0}
     parts: list[str] = []
     used: set[tuple[int, int]] = set()
@@ -318,7 +333,7 @@ class GroundedBuilder:
         else:
             reply, meta["sentences"] = supported_reply(case.reply, [h.text for h in prompt.hits], numbers,
                                                        case.question, self.options.min_overlap,
-                                                       self.options.max_quotes)
+                                                       self.options.max_quotes, case.evidence)
             if not reply:
                 self.skipped["no_supported_reply"] += 1  # nothing of the reference reply is in the gold passages
                 return None

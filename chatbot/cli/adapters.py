@@ -46,7 +46,8 @@ def cmd_build_sft(args) -> int:
                               validation=args.validation, seed=args.seed, reply=args.reply,
                               min_overlap=s.verify_min_overlap)
     m = build_grounded(s, args.out, dataset=args.dataset, qa=args.qa, docs=args.docs, from_store=args.from_store,
-                       exclude=exclude, options=options, history_turns=args.history_turns, limit=args.limit)
+                       exclude=exclude, options=options, history_turns=args.history_turns, limit=args.limit,
+                       layout=args.layout)
     c = m["counts"]
     excluded = ", ".join(f"{n} ({why})" for why, n in c["excluded"].items()) or "none"
     print(f"{c['cases']} cases; excluded {excluded}; gold passages did not fit the prompt: {c['no_fit']}; "
@@ -289,6 +290,10 @@ def register(sub, eval_targets) -> None:
     src.add_argument("--from-store", action="store_true", help="the conversation log's reviewer-approved replies "
                      "with the passages they cited (distractors from the published index)")
     sp.add_argument("--docs", nargs="+", type=Path, help="with --qa: the documents the replies come from")
+    sp.add_argument("--layout", choices=["documents", "snippets"], default="documents",
+                    help="with --dataset: its knowledge as one document per entity, chunked as the service chunks "
+                    "(passages hold several answers, as a help centre's do), or each FAQ / review sentence as its "
+                    "own passage")
     sp.add_argument("--out", type=Path, required=True, help="folder for train.jsonl, heldout.jsonl, manifest.json")
     sp.add_argument("--passages", type=int, help="passages per prompt (default: CHATBOT_TOP_K)")
     sp.add_argument("--unanswerable", type=float, default=0.2, help="share of cases that also give an "

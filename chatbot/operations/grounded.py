@@ -8,6 +8,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from chatbot.engines.base import ChatMessage
@@ -52,14 +53,97 @@ def dstc11_cases(root: Path | None = None, history_turns: int = 0) -> tuple[list
         gold = tuple(_passage(docs[g]) for g in sorted(q.gold) if g in docs)
         if not reply or not gold:
             continue
+        # an FAQ snippet is "question\nanswer": the reply is written from the answer
+        evidence = tuple(h.text.split("\n", 1)[-1] if "/faq/" in h.doc_id else h.text for h in gold)
         history = [ChatMessage("user" if t["speaker"] == "U" else "assistant", t["text"])
                    for t in turns[:-1]][-history_turns:] if history_turns else []
         while history and history[0].role != "user":
             history.pop(0)
-        cases.append(GroundedCase(f"dstc11:{i}", turns[-1]["text"], reply, gold, tuple(history), "dstc11_track5"))
+        cases.append(GroundedCase(f"dstc11:{i}", turns[-1]["text"], reply, gold, tuple(history), "dstc11_track5",
+                                  evidence))
     source = {"name": "dstc11_track5", "path": str(root), "cases": len(cases), "documents": len(docs),
               "sha256": {f: sha256_file(root / f) for f in ("knowledge.json", "val/logs.json", "val/labels.json")}}
     return cases, list(docs.values()), source
+
+
+def dstc11_documents(root: Path | None = None, exclusions: Exclusions | None = None) -> tuple[list[Document], int]:
+    """DSTC11 Track 5's ``knowledge.json`` as a help centre: one Markdown document per hotel or restaurant
+    (``doc_id`` ``hotel/20``), its FAQs as ``## question`` sections with the answer below, then a
+    ``## Guest reviews`` section with one paragraph per review. Chunked by the service's chunker, these are the
+    passages a company's own documents give (several answers per passage), not one snippet each.
+
+    FAQ answers and review sentences that occur in a dev-set document (``exclusions``) are left out, so no prompt
+    shows what the dev sets were built from.
+
+    Returns:
+        ``(documents, left_out)``: the documents, and how many snippets were left out.
+
+    Raises:
+        DocumentNotFoundError: ``knowledge.json`` is missing.
+    """
+    from chatbot.errors import DocumentNotFoundError
+    from retrieval.evaluate import DEFAULT_DATA_ROOT
+
+    root = Path(root) if root else DEFAULT_DATA_ROOT / "dstc11_track5"
+    path = root / "knowledge.json"
+    if not path.is_file():
+        raise DocumentNotFoundError(f"{path} not found")
+    knowledge = json.loads(path.read_text(encoding="utf-8"))
+
+    def keep(text: str) -> bool:
+        return exclusions is None or not exclusions.in_documents(text)
+
+    docs, left_out = [], 0
+    for domain, entities in knowledge.items():
+        for entity_id, ent in entities.items():
+            name = str(ent.get("name") or f"{domain} {entity_id}")
+            parts = [f"# {name}"]
+            for faq in (ent.get("faqs") or {}).values():
+                if keep(faq["answer"]):
+                    parts += [f"## {faq['question'].strip()}", faq["answer"].strip()]
+                else:
+                    left_out += 1
+            reviews = []
+            for rev in (ent.get("reviews") or {}).values():
+                sents = [t.strip() for t in rev.get("sentences", {}).values()]
+                left_out += sum(not keep(t) for t in sents)
+                if kept := [t for t in sents if keep(t)]:
+                    reviews.append(" ".join(kept))
+            if reviews:
+                parts += ["## Guest reviews", *reviews]
+            did = f"{domain}/{entity_id}"
+            docs.append(Document(did, name, f"dstc11_track5 knowledge.json {did}", "\n\n".join(parts) + "\n"))
+    return docs, left_out
+
+
+def gold_chunks(cases: Sequence[GroundedCase], chunks: Sequence[Hit]) -> tuple[list[GroundedCase], int]:
+    """``cases`` (gold: DSTC11 snippets, with :attr:`GroundedCase.evidence`) with the chunks of
+    :func:`dstc11_documents` that hold their evidence as gold, in evidence order; a case none of whose evidence
+    is in a chunk (left out as dev-set text) is dropped.
+
+    Returns:
+        ``(cases, dropped)``.
+    """
+    from chatbot.grounded import normalize
+
+    by_doc: dict[str, list[tuple[Hit, str]]] = {}
+    for h in chunks:
+        by_doc.setdefault(h.doc_id, []).append((h, normalize(h.text)))
+    out, dropped = [], 0
+    for case in cases:
+        gold: dict[int, Hit] = {}
+        for snippet, ev in zip(case.gold, case.evidence):
+            entity = "/".join(snippet.doc_id.split("/")[:2])
+            t = normalize(ev)
+            for h, text in by_doc.get(entity, []):
+                if t and t in text:
+                    gold.setdefault(h.chunk_id, h)
+                    break
+        if gold:
+            out.append(replace(case, gold=tuple(gold.values())))
+        else:
+            dropped += 1
+    return out, dropped
 
 
 def qa_cases(path: Path, search, candidates: int = 50) -> tuple[list[GroundedCase], dict]:
@@ -142,13 +226,15 @@ def build_grounded(settings, out: str | Path, dataset: str | None = None, qa: Pa
                    docs: Sequence[str | Path] | None = None, from_store: bool = False,
                    exclude: Sequence[str | Path] = (),
                    options: GroundedOptions | None = None, history_turns: int = 0, limit: int | None = None,
-                   index_dir: Path | None = None) -> dict:
+                   index_dir: Path | None = None, layout: str = "documents") -> dict:
     """Build a retrieval-format SFT set into ``out`` (:func:`chatbot.grounded.build_grounded_set`).
 
     One source of cases:
 
-    * ``dataset="dstc11_track5"``: its knowledge snippets are indexed for distractors under
-      ``data_dir/eval/dstc11_track5``;
+    * ``dataset="dstc11_track5"``: with ``layout="documents"`` (default) its knowledge as one document per entity
+      (:func:`dstc11_documents`), chunked and indexed as the service does under ``data_dir/grounded/dstc11_track5``,
+      the chunks holding the gold snippets as gold (:func:`gold_chunks`); with ``layout="snippets"`` each snippet
+      is a passage, indexed under ``data_dir/eval/dstc11_track5``;
     * ``qa`` pairs over ``docs``, indexed under ``index_dir`` (default ``data_dir/grounded/<qa file stem>``);
     * ``from_store``: the conversation log's reviewer-approved replies with the passages they cited
       (:func:`transcript_cases`); distractors come from the published index.
@@ -158,7 +244,7 @@ def build_grounded(settings, out: str | Path, dataset: str | None = None, qa: Pa
     whose questions and answers must not be trained on.
 
     Raises:
-        InvalidInputError: no source or more than one, or ``qa`` without ``docs``.
+        InvalidInputError: no source or more than one, ``qa`` without ``docs``, or an unknown ``layout``.
     """
     from chatbot.operations.knowledge import ingest_paths
     from chatbot.options import build_embedder, search_options
@@ -169,14 +255,33 @@ def build_grounded(settings, out: str | Path, dataset: str | None = None, qa: Pa
         raise InvalidInputError("give one source: --dataset dstc11_track5, --qa FILE with --docs, or --from-store")
     if qa is not None and not docs:
         raise InvalidInputError("--qa needs --docs: the documents its answers come from")
+    if layout not in ("documents", "snippets"):
+        raise InvalidInputError(f"layout must be documents or snippets, got {layout!r}")
     options = options or GroundedOptions(passages=settings.top_k)
+    exclusions = Exclusions.from_paths(exclude) if exclude else None
     embedder = build_embedder(settings)
     opts = search_options(settings)
     if dataset is not None:
         if dataset != "dstc11_track5":
             raise InvalidInputError(f"--dataset must be dstc11_track5, got {dataset!r}")
         cases, documents, source = dstc11_cases(history_turns=history_turns)
-        index_dir = Path(index_dir or settings.data_dir / "eval" / "dstc11_track5")
+        if layout == "documents":
+            from retrieval.chunking import chunk_document
+
+            documents, source["snippets_left_out"] = dstc11_documents(Path(source["path"]), exclusions)
+            index_dir = Path(index_dir or settings.data_dir / "grounded" / "dstc11_track5")
+            chunks = [Hit(c.chunk_id, c.doc_id, c.title, c.source, c.text, 1.0, 0, headings=c.headings)
+                      for d in documents
+                      for c in chunk_document(d, embedder.count_tokens, settings.chunk_tokens, settings.chunk_overlap)]
+            # dev-set cases stay as they are, for build_grounded_set to count and leave out
+            dev = {c.id for c in cases if exclusions is not None and exclusions.reason(c)}
+            mapped, source["no_gold_chunk"] = gold_chunks([c for c in cases if c.id not in dev], chunks)
+            by_id = {c.id: c for c in mapped}
+            cases = [c if c.id in dev else by_id[c.id] for c in cases if c.id in dev or c.id in by_id]
+            source.update(layout="documents", documents=len(documents), chunks=len(chunks))
+        else:
+            index_dir = Path(index_dir or settings.data_dir / "eval" / "dstc11_track5")
+            source["layout"] = "snippets"
         ingest_documents(documents, index_dir, embedder, settings.chunk_tokens, settings.chunk_overlap, sync=True,
                          show_progress=True, index_options=opts.index)
     elif qa is not None:
@@ -202,5 +307,4 @@ def build_grounded(settings, out: str | Path, dataset: str | None = None, qa: Pa
         cases = cases[:limit]
     builder = GroundedBuilder(search, settings.system_prompt, settings.abstain_message, _count_tokens(settings),
                               settings.max_model_len - settings.max_new_tokens, options)
-    exclusions = Exclusions.from_paths(exclude) if exclude else None
     return build_grounded_set(cases, builder, out, exclusions, [source])

@@ -260,3 +260,49 @@ def test_approved_transcripts_become_cases_grounded_in_the_passages_they_cited(t
     (n,) = ex["meta"]["gold_numbers"]
     assert passages_of(ex["messages"][0]["content"])[n] == GOLD.text
     assert ex["messages"][-1]["content"] == f"Pets are not allowed at the Acorn [{n}]."
+
+
+KNOWLEDGE = {"hotel": {
+    "1": {"name": "ACORN GUEST HOUSE",
+          "faqs": {"0": {"question": "Are pets allowed?", "answer": "Pets are not allowed at the Acorn."},
+                   "1": {"question": "Is there parking?", "answer": "There is no parking at Acorn Guest House."}},
+          "reviews": {"0": {"sentences": {"0": "The Acorn was quiet at night.", "1": "Our room had a lovely view."}}}},
+    "2": {"name": "BRIDGE HOTEL", "faqs": {"0": {"question": "Is wifi free?", "answer": "Wifi is free at Bridge."}},
+          "reviews": {}}}}
+
+
+def test_dstc11_knowledge_becomes_one_document_per_entity_without_dev_set_text(tmp_path):
+    from chatbot.operations.grounded import dstc11_documents
+
+    (tmp_path / "knowledge.json").write_text(json.dumps(KNOWLEDGE))
+    dev = tmp_path / "eval"
+    dev.mkdir()
+    (dev / "bridge.md").write_text("# Bridge\n\n## Wifi\n\nWifi is free at Bridge.\n")
+    docs, left_out = dstc11_documents(tmp_path, Exclusions.from_paths([dev]))
+    assert [d.doc_id for d in docs] == ["hotel/1", "hotel/2"] and left_out == 1
+    assert docs[0].text == ("# ACORN GUEST HOUSE\n\n## Are pets allowed?\n\nPets are not allowed at the Acorn.\n\n"
+                            "## Is there parking?\n\nThere is no parking at Acorn Guest House.\n\n## Guest reviews\n\n"
+                            "The Acorn was quiet at night. Our room had a lovely view.\n")
+    assert docs[1].text == "# BRIDGE HOTEL\n"  # its only FAQ is a dev document's
+
+
+def test_the_gold_is_the_chunk_holding_the_evidence_and_only_the_evidence_is_quoted():
+    from chatbot.operations.grounded import gold_chunks
+
+    chunk = Hit(7, "hotel/1", "ACORN GUEST HOUSE", "k",
+                "## Are pets allowed?\n\nPets are not allowed at Acorn Guest House.\n\n"
+                "## Is there parking?\n\nThere is no parking at Acorn Guest House.", 1.0, 0)
+    other = Hit(8, "hotel/1", "ACORN GUEST HOUSE", "k", "## Guest reviews\n\nThe Acorn was quiet at night.", 1.0, 0)
+    snippet = Hit(-1, "hotel/1/faq/1", "ACORN GUEST HOUSE", "k",
+                  "Is there parking?\nThere is no parking at Acorn Guest House.", 1.0, 0)
+    lost = Hit(-1, "hotel/1/faq/9", "ACORN GUEST HOUSE", "k", "Is there a spa?\nNo spa.", 1.0, 0)
+    c = GroundedCase("p", "Can I park at the Acorn?", "Sorry, Acorn Guest House has no car park.", (snippet,),
+                     evidence=("There is no parking at Acorn Guest House.",))
+    gone = GroundedCase("s", "Spa?", "No spa.", (lost,), evidence=("No spa.",))
+    (mapped,), dropped = gold_chunks([c, gone], [other, chunk])
+    assert [h.chunk_id for h in mapped.gold] == [7] and dropped == 1
+    # the chunk's other answer shares "Acorn Guest House" with the reply: only the evidence sentence is quoted
+    text, counts = supported_reply(mapped.reply, [chunk.text], [1], mapped.question, evidence=mapped.evidence)
+    assert text == "There is no parking at Acorn Guest House [1]." and counts["quoted"] == 1
+    text, counts = supported_reply(mapped.reply, [chunk.text], [1], mapped.question)
+    assert counts["quoted"] == 2 and "Pets" in text
