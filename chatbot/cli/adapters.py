@@ -204,7 +204,7 @@ def cmd_adapters_pack(args) -> int:
     """Copy an adapter for shipping (weights in a smaller dtype, no checkpoints)."""
     from chatbot.operations import pack_adapter
 
-    version = pack_adapter(settings(), args.name, args.out, args.dtype)
+    version = pack_adapter(settings(), args.name, args.out, args.dtype, args.as_name)
     print(f"packed {args.name} as {version} in {args.out}")
     return 0
 
@@ -351,6 +351,7 @@ def register(sub, eval_targets) -> None:
     sp.add_argument("name")
     sp.add_argument("--out", type=Path, required=True)
     sp.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    sp.add_argument("--as", dest="as_name", metavar="NAME", help="ship it under this name (default: its own)")
     sp.set_defaults(func=cmd_adapters_pack)
     sp = asub.add_parser("export-int8", help="merged int8 checkpoint for CPU serving, with a quality/speed report")
     sp.add_argument("name")

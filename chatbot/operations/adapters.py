@@ -377,12 +377,12 @@ def merge_adapter(settings, name: str, out: str | Path) -> Path:
     return export.merge_adapter(name, out, adapter_options(settings))
 
 
-def pack_adapter(settings, name: str, out: str | Path, dtype: str = "float16") -> str:
-    """Copy adapter ``name`` for shipping at ``out``, weights cast to ``dtype``
+def pack_adapter(settings, name: str, out: str | Path, dtype: str = "float16", new_name: str | None = None) -> str:
+    """Copy adapter ``name`` for shipping at ``out``, weights cast to ``dtype``, under ``new_name`` when given
     (:func:`finetune.adapters.export.pack_adapter`); returns the packed copy's version."""
     from finetune.adapters import export
 
-    return export.pack_adapter(name, out, adapter_options(settings), dtype).version
+    return export.pack_adapter(name, out, adapter_options(settings), dtype, new_name).version
 
 
 def export_adapter_int8(settings, name: str, out: str | Path, measure: bool = False) -> dict:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import tempfile
 import warnings
@@ -96,16 +97,19 @@ def write_merged(rec: AdapterRecord, options: AdapterOptions) -> Path:
 PACKED_FILES = ("adapter_model.safetensors", "adapter_config.json", "splits.json", "validation.jsonl", "test.jsonl")
 
 
-def pack_adapter(ref: str | Path, out: str | Path, options: AdapterOptions, dtype: str = "float16") -> AdapterRecord:
+def pack_adapter(ref: str | Path, out: str | Path, options: AdapterOptions, dtype: str = "float16",
+                 name: str | None = None) -> AdapterRecord:
     """Copy an adapter for shipping (e.g. ``data/adapters/NAME`` in the product): the peft weights cast to
     ``dtype`` (``float16`` halves the file; engines cast LoRA weights to the served dtype when they load them),
     its config, manifest and held-out splits; no checkpoints, no merged copy. The manifest gets the new weights'
     SHA-256 and a new version (same name and time, new hash), and ``packed_from`` (the version and weight hash it
-    was made from, and the dtype).
+    was made from, and the dtype). ``name``: ship it under another name (the registry folder it is installed
+    into); default its own.
 
     Raises:
         AdapterError, NotFoundError: as :func:`~finetune.adapters.registry.resolve_adapter`; ``out`` exists;
-            ``dtype`` is not float16, bfloat16 or float32.
+            ``dtype`` is not float16, bfloat16 or float32; ``name`` is not a folder name (letters, digits, ``.``,
+            ``_``, ``-``; a letter or digit first).
     """
     import torch
     from safetensors.torch import load_file, save_file
@@ -115,26 +119,30 @@ def pack_adapter(ref: str | Path, out: str | Path, options: AdapterOptions, dtyp
     types = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     if dtype not in types:
         raise AdapterError(f"dtype must be one of {sorted(types)}, got {dtype!r}")
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise AdapterError(f"an adapter name is letters, digits, '.', '_' and '-' (a letter or digit first), "
+                           f"got {name!r}")
     rec = resolve_adapter(ref, options)
     out = Path(out)
     if out.exists():
         raise AdapterError(f"{str(out)!r} already exists; nothing was overwritten")
     try:
         out.mkdir(parents=True)
-        for name in PACKED_FILES:
-            src = rec.path / name
-            if name == "adapter_model.safetensors":
+        for file in PACKED_FILES:
+            src = rec.path / file
+            if file == "adapter_model.safetensors":
                 tensors = {k: v.to(types[dtype]) if v.is_floating_point() else v
                            for k, v in load_file(str(src)).items()}
-                save_file(tensors, str(out / name), metadata={"format": "pt"})
+                save_file(tensors, str(out / file), metadata={"format": "pt"})
             elif src.is_file():
-                shutil.copy2(src, out / name)
+                shutil.copy2(src, out / file)
         manifest = dict(rec.manifest)
         weights = files_sha256(sorted(out.glob("*.safetensors")))
         manifest["packed_from"] = {"version": rec.version, "weights_sha256": manifest.get("weights_sha256"),
                                    "dtype": dtype}
         manifest["weights_sha256"] = weights
-        manifest["version"] = adapter_version(rec.name, rec.created_at, weights)
+        manifest["name"] = name or rec.name
+        manifest["version"] = adapter_version(manifest["name"], rec.created_at, weights)
         atomic_write_json(out / "adapter.json", manifest)
         for f in out.iterdir():  # a copy to ship: readable by all, as the files it came from
             f.chmod(0o644)

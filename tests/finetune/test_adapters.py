@@ -362,6 +362,13 @@ def test_pack_halves_the_weights_and_the_packed_copy_still_loads_and_changes_the
         pack_adapter("full", blocker / "packed", o)  # a parent that is a file: a clear error, no traceback
     d = promote(rec.path, o)  # the load check: every tensor lands on a module and moves the logits
     assert d.load_check.tensors == 8 and d.load_check.max_logit_change > 1e-4
+    # shipped under another name: the name and the version change, the weights do not
+    renamed = pack_adapter("full", tmp_path / "shipped" / "renamed", o, name="grounded-x")
+    assert renamed.name == "grounded-x" and renamed.version.startswith("grounded-x-20260101")
+    assert renamed.manifest["weights_sha256"] == rec.manifest["weights_sha256"]
+    with pytest.raises(AdapterError, match="an adapter name is"):
+        pack_adapter("full", tmp_path / "shipped" / "bad", o, name="../escape")
+    assert not (tmp_path / "shipped" / "bad").exists()
 
 
 def test_promote_gate_and_rollback(tiny, tmp_path):
