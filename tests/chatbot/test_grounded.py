@@ -55,7 +55,7 @@ def case(i: int = 0, **kw) -> GroundedCase:
 
 
 def test_the_gold_passage_is_at_the_number_its_citation_names():
-    b = builder(passages=3, unanswerable=0.0)
+    b = builder(passages=3, unanswerable=0.0, reply="supported")
     numbers = set()
     for i in range(12):
         ex = b.examples(case(i))
@@ -127,14 +127,15 @@ def test_a_supported_reply_never_quotes_a_distractor_or_a_passage_question():
 
 def test_a_case_whose_reply_is_not_in_its_gold_passages_gives_no_example_and_is_counted(tmp_path):
     off = GroundedCase("off", "Can I bring my dog to the Acorn?", "Our staff love cats and birds.", (GOLD,))
-    m = build_grounded_set([case(0), off], builder(unanswerable=1.0, validation=0.0), tmp_path / "out")
+    m = build_grounded_set([case(0), off], builder(unanswerable=1.0, validation=0.0, reply="supported"),
+                           tmp_path / "out")
     assert m["counts"]["no_supported_reply"] == 1 and m["counts"]["no_fit"] == 0
     assert m["counts"]["train"] == {"answerable": 1, "unanswerable": 1}  # the case is skipped whole
     # sentence counts are those of the examples written (the skipped case's sentence is not among them)
     assert m["counts"]["reply_sentences"] == {"kept": 0, "quoted": 1, "dropped": 0, "rejected": 0}
     assert m["options"]["reply"] == "supported"
-    # the reference reply as written, on request
-    ex = builder(unanswerable=0.0, reply="reference").examples(off)
+    # the reference reply as written, by default
+    ex = builder(unanswerable=0.0).examples(off)
     assert ex[0]["messages"][-1]["content"].startswith("Our staff love cats and birds [")
 
 
@@ -259,7 +260,7 @@ def test_approved_transcripts_become_cases_grounded_in_the_passages_they_cited(t
     ex = builder(unanswerable=0.0).examples(c)[0]
     (n,) = ex["meta"]["gold_numbers"]
     assert passages_of(ex["messages"][0]["content"])[n] == GOLD.text
-    assert ex["messages"][-1]["content"] == f"Pets are not allowed at the Acorn [{n}]."
+    assert ex["messages"][-1]["content"] == f"Sorry, no pets are allowed [{n}]."
 
 
 KNOWLEDGE = {"hotel": {
