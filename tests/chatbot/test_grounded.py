@@ -235,6 +235,13 @@ def test_cli_builds_a_set_from_an_operators_documents_and_pairs(tmp_path, monkey
         assert doc not in u["meta"]["passages"] and u["messages"][-1]["content"].startswith("I'm sorry")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sources"][0]["cases"] == 3 and manifest["files"]["train"]["examples"] == 6
+    # --reply supported: each reply is a sentence the verifier supports (8.00, 30 days, never expire), kept as is
+    assert main(["build-sft", "--grounded", "--qa", str(qa), "--docs", str(kb), "--out", str(tmp_path / "sup"),
+                 "--passages", "2", "--unanswerable", "0", "--validation", "0", "--no-exclude",
+                 "--reply", "supported"]) == 0
+    assert "reply sentences: 3 kept as written, 0 dropped" in capsys.readouterr().out
+    sup = json.loads((tmp_path / "sup" / "manifest.json").read_text())
+    assert sup["options"]["reply"] == "supported" and sup["counts"]["reply_sentences"]["kept"] == 3
 
 
 def test_approved_transcripts_become_cases_grounded_in_the_passages_they_cited(tmp_path):
