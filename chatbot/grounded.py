@@ -216,8 +216,8 @@ def supported_reply(reply: str, passages: Sequence[str], gold_numbers: Sequence[
       ("Would you like ...?") among them are never quoted; a passage sentence is quoted once;
     * else dropped (nothing in the gold passages says it).
 
-    At most ``max_quotes`` quoted sentences; every sentence of the result is checked again by the ``Verifier``
-    (one that fails, such as an ``echo`` of the question, is dropped).
+    At most ``max_quotes`` quoted sentences; a quote is checked by the ``Verifier`` too (one that fails, such as
+    an ``echo`` of the question, is dropped and counted as ``rejected``), so every sentence of the result passes.
 
     Args:
         reply: the reference reply (citation markers ignored).
@@ -263,15 +263,13 @@ def supported_reply(reply: str, passages: Sequence[str], gold_numbers: Sequence[
             if counts["quoted"] >= max_quotes:
                 break
             used.add((u.passage, u.start))
-            parts.append(cite(u.text, u.passage))
             counts["quoted"] += 1
-    out = []
-    for part in parts:
-        if verifier.check(part).supported:
-            out.append(part)
-        else:
-            counts["rejected"] += 1
-    return " ".join(out), counts
+            quote = cite(u.text, u.passage)
+            if verifier.check(quote).supported:  # a kept sentence was checked above; a quote is checked here
+                parts.append(quote)
+            else:
+                counts["rejected"] += 1
+    return " ".join(parts), counts
 
 
 def _case_rng(seed: int, case_id: str) -> random.Random:
