@@ -45,6 +45,7 @@ from chatbot.errors import ConfigError, TooLittleDataError
 from finetune.adapters.registry import ADAPTER_FORMAT, MANIFEST, adapter_version
 from finetune.base_model import EMBEDDED_CHAT_MODEL, load_causal_lm, load_tokenizer, resolve_base_model
 from finetune.data import (
+    IGNORE_INDEX,
     DataCollator,
     Dialogue,
     EncodeStats,
@@ -103,6 +104,10 @@ class SFTConfig:
         threads: torch CPU threads (None: torch's default).
         keep_checkpoints: keep ``<out>/checkpoints`` after a finished run.
         fsdp: Trainer FSDP option string (multi-GPU only), e.g. ``"full_shard auto_wrap"``.
+        label_logits_only: compute the output layer only at the positions whose next token is a label
+            (:func:`label_positions`); the loss is the same, the logits shrink from every token of the batch to
+            its reply tokens (1,024-token grounded prompts, batch 4, CPU: peak memory 8.7 -> 7.5 GB,
+            ``bench/finetune.py``).
     """
 
     base_model: str = EMBEDDED_CHAT_MODEL
@@ -146,6 +151,7 @@ class SFTConfig:
     threads: int | None = None
     keep_checkpoints: bool = False
     fsdp: str = ""
+    label_logits_only: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -361,13 +367,51 @@ def no_zero_warmup(scheduler, warmup_steps: int):
     return LambdaLR(scheduler.optimizer, [wrap(f) for f in scheduler.lr_lambdas])
 
 
+def label_positions(labels):
+    """Positions whose logits a causal-LM loss reads: where the next token of some row is a label.
+
+    Args:
+        labels: ``(batch, length)`` token ids, ``IGNORE_INDEX`` where no loss is taken.
+
+    Returns:
+        ``(keep, shift_labels)``: ``keep`` the sorted positions (1-D long tensor, ``(k,)``), ``shift_labels`` the
+        next-token targets at them (``(batch, k)``, ``IGNORE_INDEX`` where that row has none). With
+        ``logits_to_keep=keep`` and ``shift_labels`` the model's loss equals the loss over all positions, since
+        every other position's target is ``IGNORE_INDEX``.
+    """
+    import torch.nn.functional as F
+
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    keep = (shifted != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    return keep, shifted[:, keep].contiguous()
+
+
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 def _sft_trainer_class():
-    """``transformers.Trainer`` with :func:`no_zero_warmup` and warm-up steps from :func:`plan_steps`."""
+    """``transformers.Trainer`` with :func:`no_zero_warmup`, warm-up steps from :func:`plan_steps` and, with
+    ``label_logits_only``, the output layer run only at :func:`label_positions`."""
     from transformers import Trainer, get_scheduler
 
     class SFTTrainer(Trainer):
         warmup_ratio: float = 0.0
         warmup_steps: int = 0
+        label_logits_only: bool = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.get("labels")
+            if self.label_logits_only and labels is not None and _takes_logits_to_keep(
+                    self.accelerator.unwrap_model(model)):
+                keep, shift_labels = label_positions(labels)
+                if keep.numel():
+                    inputs = {**inputs, "logits_to_keep": keep, "shift_labels": shift_labels}
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             if self.lr_scheduler is None:
@@ -494,6 +538,7 @@ def build_trainer(model, tokenizer, train: list[dict], validation: list[dict], c
         callbacks=cbs,
     )
     trainer.warmup_ratio = config.warmup_ratio
+    trainer.label_logits_only = config.label_logits_only
     return trainer
 
 

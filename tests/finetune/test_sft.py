@@ -109,6 +109,59 @@ def test_gradient_checkpointing_gives_the_same_update(tiny, encoded, tmp_path):
         torch.testing.assert_close(gc[name], plain[name], rtol=1e-4, atol=1e-6)
 
 
+def test_label_positions_are_the_positions_before_a_label():
+    import torch
+
+    from finetune.sft import label_positions
+
+    labels = torch.tensor([[-100, -100, 5, 6, -100, -100], [-100, 7, -100, -100, -100, -100]])
+    keep, shift = label_positions(labels)
+    # row 0 predicts 5 at position 1 and 6 at 2; row 1 predicts 7 at 0; positions 3..5 predict nothing
+    assert keep.tolist() == [0, 1, 2]
+    assert shift.tolist() == [[-100, 5, 6], [7, -100, -100]]
+
+
+@pytest.mark.slow
+def test_label_logits_only_gives_the_same_update_with_fewer_logits(tiny, encoded, tmp_path):
+    import torch
+
+    seen: dict[bool, list[int]] = {True: [], False: []}  # positions the output layer ran at, per forward
+
+    def run(flag: bool):
+        import transformers
+
+        tok, train, val = encoded
+        config = SFTConfig(base_model=tiny, lora_dropout=0.0, warmup_ratio=0.0, logging_steps=1, eval_steps=0,
+                           max_grad_norm=1e9, eval_replies=0, batch_size=4, max_steps=2, optim="sgd",
+                           learning_rate=0.5, label_logits_only=flag)
+        transformers.set_seed(config.seed)
+        model = load_model(tiny, config).to(torch.float64)
+        head = model.get_base_model().lm_head
+        head.register_forward_hook(lambda m, i, o: seen[flag].append(o.shape[1]))
+        trainer = build_trainer(model, tok, train, val, config, tmp_path / str(flag), progress=False)
+        lengths = []  # the batch's sequence length, per forward
+        orig = trainer.compute_loss
+
+        def spy(model, inputs, **kw):
+            lengths.append(inputs["input_ids"].shape[1])
+            return orig(model, inputs, **kw)
+
+        trainer.compute_loss = spy
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}, losses, lengths
+
+    few, few_loss, few_lengths = run(True)
+    full, full_loss, full_lengths = run(False)
+    # every forward of the full run computes logits at every position; the label-only run at fewer
+    assert seen[False] == full_lengths and few_lengths == full_lengths
+    assert len(seen[True]) == len(few_lengths) and all(k < n for k, n in zip(seen[True], few_lengths))
+    assert sum(float(p.abs().sum()) for n, p in full.items() if "lora_B" in n) > 1e-3
+    for name in full:
+        torch.testing.assert_close(few[name], full[name], rtol=1e-9, atol=1e-12)
+    assert few_loss == pytest.approx(full_loss, rel=1e-4)
+
+
 def test_early_stopping_stops_when_validation_loss_stalls(tiny, encoded, tmp_path):
     # an improvement must exceed 10 nats to count, so the second evaluation already stalls
     trainer, _, _ = _train(tiny, encoded, tmp_path, batch_size=4, max_steps=20, eval_steps=1,
