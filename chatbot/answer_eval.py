@@ -15,10 +15,12 @@ and its route are scored:
   URL, e-mail address or phone number (:func:`chatbot.verification.claims`) no shown passage holds.
 - **gold cited**: a gold document among the turn's citations; **clarify rate**: answerable rows
   routed to ``clarify``; **abstention**: unanswerable rows whose reply says it cannot answer and
-  offers a person (or hands the customer to one) with no unsupported claim.
+  offers a person (or hands the customer to one) with no unsupported claim; **false abstention**:
+  answerable rows that got such a reply (the documents answer it, the bot declined).
 - latency p50 / p95 (ms) and completion tokens per answer.
 Fact recall, K-Precision, correct, clarify and gold-cited rates are over answerable rows;
-abstention over unanswerable rows; the unsupported-claim rate over all rows.
+abstention over unanswerable rows, false abstention over answerable rows; the unsupported-claim rate over
+all rows.
 """
 
 from __future__ import annotations
@@ -209,6 +211,7 @@ def summarize(rows: Sequence[RowResult]) -> dict:
         "gold_cited": _mean([float(r.gold_cited) for r in ans]),
         "clarify_rate": _mean([float(r.action == "clarify") for r in ans]),
         "abstention": _mean([float(r.abstained) for r in una]),
+        "false_abstention": _mean([float(r.abstained) for r in ans]),
         "correct_all": _mean([float(r.correct) for r in rows]),
         "latency_p50_ms": _pct(lat, 50), "latency_p95_ms": _pct(lat, 95),
         "tokens_per_answer": _mean([r.completion_tokens for r in rows]),
@@ -221,6 +224,7 @@ def summarize(rows: Sequence[RowResult]) -> dict:
 SUMMARY_COLUMNS = (
     ("correct", "correct", "{:.2f}"), ("fact_recall", "fact rec", "{:.2f}"), ("k_precision", "K-Prec", "{:.2f}"),
     ("unsupported_rate", "unsupp", "{:.2f}"), ("abstention", "abstain", "{:.2f}"),
+    ("false_abstention", "false abst", "{:.2f}"),
     ("clarify_rate", "clarify", "{:.2f}"), ("gold_cited", "gold cit", "{:.2f}"),
     ("tokens_per_answer", "tok/ans", "{:.0f}"), ("latency_p50_ms", "p50 ms", "{:.0f}"),
     ("latency_p95_ms", "p95 ms", "{:.0f}"),

@@ -55,7 +55,19 @@ def test_summary_of_three_rows_gives_the_exact_numbers():
     assert s["gold_cited"] == 0.5 and s["clarify_rate"] == 0.0 and s["abstention"] == 1.0
     assert s["latency_p50_ms"] == 200 and s["tokens_per_answer"] == 10
     table = format_summary([("generate", s)])
-    assert table.splitlines()[2] == ("| generate | 3 | 0.00 | 0.25 | 0.83 | 0.33 | 1.00 | 0.00 | 0.50 | 10 | 200 | 290 |")
+    assert s["false_abstention"] == 0.0
+    assert table.splitlines()[2] == ("| generate | 3 | 0.00 | 0.25 | 0.83 | 0.33 | 1.00 | 0.00 | 0.00 | 0.50 | 10 | 200 | 290 |")
+
+
+def test_an_abstention_on_an_answerable_row_is_a_false_abstention():
+    """The abstention column only sees unanswerable rows; declining a question the documents answer shows here."""
+    shipping = AnswerCase("a", "How much is shipping?", ["ship.md"], [["$8.00"]], True)
+    hours = AnswerCase("c", "When do you open?", [], [], False)
+    rows = [score_row(shipping, ABSTAIN, ["Standard shipping costs $8.00 per order."], ["ship.md"]),
+            score_row(shipping, "Shipping costs $8.00 [1].", ["Standard shipping costs $8.00 per order."], ["ship.md"]),
+            score_row(hours, ABSTAIN, [], [])]
+    s = summarize(rows)
+    assert (s["false_abstention"], s["abstention"], s["correct"]) == (0.5, 1.0, 0.5)
 
 
 def test_abstention_needs_both_the_refusal_and_the_offer_of_a_person():
