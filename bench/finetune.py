@@ -166,6 +166,8 @@ def _saved_activation_bytes(model, batch, label_logits_only: bool = False) -> in
 
     from finetune.sft import label_positions
 
+    device = next(model.parameters()).device  # after training the Trainer has moved it (GPU)
+    batch = {k: v.to(device) for k, v in batch.items()}
     if label_logits_only:
         keep, shift_labels = label_positions(batch["labels"])
         batch = {**batch, "logits_to_keep": keep, "shift_labels": shift_labels}

@@ -16,7 +16,7 @@ Each example is a chat dialogue ``{"id", "messages": [system, *history, user, as
     (:func:`chatbot.verification.cite`), and every one is checked again by the ``Verifier`` at build time, so the
     model is never taught a sentence the service would withhold. Human replies in DSTC11 paraphrase their
     snippets: 2 of 323 held-out reply sentences pass the verifier as written;
-  - ``reference`` (default; the shipped adapter was trained on it, and it measured best so far, see
+  - ``reference`` (default; the first shipped adapter was trained on it; the shipped one on ``supported``, see
     ``docs/finetuning.md``): the reference reply with the gold passages' numbers as citation markers at the end of
     its first sentence (:func:`with_citations`);
 * an *unanswerable* example is the same question with the gold passages (and every chunk of their documents)

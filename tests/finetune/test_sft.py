@@ -131,7 +131,7 @@ def test_label_logits_only_gives_the_same_update_with_fewer_logits(tiny, encoded
         import transformers
 
         tok, train, val = encoded
-        config = SFTConfig(base_model=tiny, lora_dropout=0.0, warmup_ratio=0.0, logging_steps=1, eval_steps=0,
+        config = SFTConfig(base_model=tiny, lora_dropout=0.0, warmup_ratio=0.0, logging_steps=1, eval_steps=2,
                            max_grad_norm=1e9, eval_replies=0, batch_size=4, max_steps=2, optim="sgd",
                            learning_rate=0.5, label_logits_only=flag)
         transformers.set_seed(config.seed)
@@ -148,11 +148,15 @@ def test_label_logits_only_gives_the_same_update_with_fewer_logits(tiny, encoded
 
         trainer.compute_loss = spy
         trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        # the training losses, then the validation loss of step 2 (prediction_step: return_outputs=True)
+        losses = [h[k] for h in trainer.state.log_history for k in ("loss", "eval_loss") if k in h]
+        assert len(losses) == 3
         return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}, losses, lengths
 
     few, few_loss, few_lengths = run(True)
     full, full_loss, full_lengths = run(False)
+    few_lengths, full_lengths = few_lengths[:2], full_lengths[:2]  # the two training steps (then evaluation)
+    seen[True], seen[False] = seen[True][:2], seen[False][:2]
     # every forward of the full run computes logits at every position; the label-only run at fewer
     assert seen[False] == full_lengths and few_lengths == full_lengths
     assert len(seen[True]) == len(few_lengths) and all(k < n for k, n in zip(seen[True], few_lengths))
