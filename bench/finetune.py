@@ -164,13 +164,12 @@ def _saved_activation_bytes(model, batch, label_logits_only: bool = False) -> in
     ``label_logits_only``, the output layer at :func:`finetune.sft.label_positions` only, as the trainer runs it)."""
     import torch
 
-    from finetune.sft import label_positions
+    from finetune.sft import label_position_inputs
 
     device = next(model.parameters()).device  # after training the Trainer has moved it (GPU)
     batch = {k: v.to(device) for k, v in batch.items()}
     if label_logits_only:
-        keep, shift_labels = label_positions(batch["labels"])
-        batch = {**batch, "logits_to_keep": keep, "shift_labels": shift_labels}
+        batch = label_position_inputs(batch)
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}

@@ -31,6 +31,8 @@ through ``SFTConfig.fsdp``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import math
@@ -387,11 +389,21 @@ def label_positions(labels):
     return keep, shifted[:, keep].contiguous()
 
 
-def _takes_logits_to_keep(model) -> bool:
-    import inspect
+def label_position_inputs(inputs: dict) -> dict:
+    """``inputs`` (a collated batch with ``labels``) plus ``logits_to_keep`` and ``shift_labels`` from
+    :func:`label_positions`, so the model runs its output layer only there; unchanged when no label is set."""
+    keep, shift_labels = label_positions(inputs["labels"])
+    return {**inputs, "logits_to_keep": keep, "shift_labels": shift_labels} if keep.numel() else inputs
 
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def _takes_logits_to_keep(model) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return _forward_takes_logits_to_keep(type(inner))
 
 
 def _sft_trainer_class():
@@ -414,9 +426,7 @@ def _sft_trainer_class():
                 and self.compute_loss_func is None
             if self.label_logits_only and plain and labels is not None and _takes_logits_to_keep(
                     self.accelerator.unwrap_model(model)):
-                keep, shift_labels = label_positions(labels)
-                if keep.numel():
-                    inputs = {**inputs, "logits_to_keep": keep, "shift_labels": shift_labels}
+                inputs = label_position_inputs(inputs)
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 

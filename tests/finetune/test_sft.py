@@ -35,10 +35,11 @@ def encoded(tiny):
     return tok, train, val
 
 
-def _train(tiny, encoded, tmp_path, float64: bool = False, **cfg):
+def _train(tiny, encoded, tmp_path, float64: bool = False, before=None, **cfg):
     """Train from the same initial weights; return (trainer, {lora param: tensor}, logged losses).
 
-    ``float64``: train the model in double precision (comparisons of summation orders).
+    ``float64``: train the model in double precision (comparisons of summation orders). ``before``: called with
+    the trainer before it trains (hooks, spies).
     """
     import torch
     import transformers
@@ -52,6 +53,8 @@ def _train(tiny, encoded, tmp_path, float64: bool = False, **cfg):
     if float64:
         model = model.to(torch.float64)
     trainer = build_trainer(model, tok, train, val, config, tmp_path / "ckpt", progress=False)
+    if before:
+        before(trainer)
     trainer.train()
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -128,30 +131,26 @@ def test_label_logits_only_gives_the_same_update_with_fewer_logits(tiny, encoded
     seen: dict[bool, list[int]] = {True: [], False: []}  # positions the output layer ran at, per forward
 
     def run(flag: bool):
-        import transformers
-
-        tok, train, val = encoded
-        config = SFTConfig(base_model=tiny, lora_dropout=0.0, warmup_ratio=0.0, logging_steps=1, eval_steps=2,
-                           max_grad_norm=1e9, eval_replies=0, batch_size=4, max_steps=2, optim="sgd",
-                           learning_rate=0.5, label_logits_only=flag)
-        transformers.set_seed(config.seed)
-        model = load_model(tiny, config).to(torch.float64)
-        head = model.get_base_model().lm_head
-        head.register_forward_hook(lambda m, i, o: seen[flag].append(o.shape[1]))
-        trainer = build_trainer(model, tok, train, val, config, tmp_path / str(flag), progress=False)
         lengths = []  # the batch's sequence length, per forward
-        orig = trainer.compute_loss
 
-        def spy(model, inputs, **kw):
-            lengths.append(inputs["input_ids"].shape[1])
-            return orig(model, inputs, **kw)
+        def before(trainer):
+            trainer.model.get_base_model().lm_head.register_forward_hook(
+                lambda m, i, o: seen[flag].append(o.shape[1]))
+            orig = trainer.compute_loss
 
-        trainer.compute_loss = spy
-        trainer.train()
+            def spy(model, inputs, **kw):
+                lengths.append(inputs["input_ids"].shape[1])
+                return orig(model, inputs, **kw)
+
+            trainer.compute_loss = spy
+
+        trainer, params, _ = _train(tiny, encoded, tmp_path / str(flag), float64=True, before=before,
+                                    batch_size=4, max_steps=2, optim="sgd", learning_rate=0.5, eval_steps=2,
+                                    label_logits_only=flag)
         # the training losses, then the validation loss of step 2 (prediction_step: return_outputs=True)
         losses = [h[k] for h in trainer.state.log_history for k in ("loss", "eval_loss") if k in h]
         assert len(losses) == 3
-        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}, losses, lengths
+        return params, losses, lengths
 
     few, few_loss, few_lengths = run(True)
     full, full_loss, full_lengths = run(False)
