@@ -111,6 +111,11 @@ class SFTConfig:
             its reply tokens (1,024-token grounded prompts, batch 4, CPU: peak memory 8.5 -> 7.3 GiB,
             ``bench/finetune.py``). Off under ``nn.DataParallel`` (several GPUs without a launcher) and with a
             label smoother or custom loss, which read the logits against the full labels.
+        init_adapter: a LoRA adapter folder (``adapter.json`` + peft files) whose weights the run starts from
+            instead of a fresh LoRA initialisation: continued training of an adapter on new data (an operator's
+            reviewed transcripts on top of the shipped grounded adapter). Its LoRA rank, alpha, dropout and target
+            modules replace ``lora_*`` / ``target_modules`` (see :func:`init_adapter_config`); it must have been
+            trained on the same base model weights (fingerprint check). LoRA only.
     """
 
     base_model: str = EMBEDDED_CHAT_MODEL
@@ -155,6 +160,7 @@ class SFTConfig:
     keep_checkpoints: bool = False
     fsdp: str = ""
     label_logits_only: bool = True
+    init_adapter: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -188,6 +194,8 @@ class SFTConfig:
             raise ConfigError(f"save_steps must be a multiple of eval_steps ({self.eval_steps}), got {self.save_steps}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.init_adapter is not None and self.method != "lora":
+            raise ConfigError("init_adapter continues a LoRA adapter: method must be 'lora'")
 
     def as_dict(self) -> dict:
         """Plain dict (JSON-serialisable)."""
@@ -260,13 +268,55 @@ def load_model(path: str, config: SFTConfig):
     model = load_causal_lm(path)
     if config.method == "full":
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if config.init_adapter is not None:
+        return PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
 
     lora = LoraConfig(
         task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.target_modules, bias="none",
     )
     return get_peft_model(model, lora)
+
+
+def init_adapter_config(config: SFTConfig, base_path: str) -> tuple[SFTConfig, dict | None]:
+    """``config`` with the LoRA settings of ``config.init_adapter`` (rank, alpha, dropout, target modules: the
+    weights only fit that shape), and the provenance of the starting adapter (``{"path", "name", "version",
+    "weights_sha256", "base_model_sha256"}``; ``None`` without ``init_adapter``).
+
+    Raises:
+        ConfigError: the folder is not a LoRA adapter (no ``adapter_config.json``), or it was trained on other
+            base model weights than ``base_path`` (:func:`chatbot.hashing.model_fingerprint` differs from its
+            ``adapter.json`` ``base_model.sha256``).
+    """
+    if config.init_adapter is None:
+        return config, None
+    folder = Path(config.init_adapter)
+    try:
+        peft_cfg = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"init_adapter {folder}: not a LoRA adapter folder ({exc})") from exc
+    try:
+        manifest = json.loads((folder / "adapter.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    want = (manifest.get("base_model") or {}).get("sha256")
+    have = model_fingerprint(base_path)
+    if want and want != have:
+        raise ConfigError(f"init_adapter {folder} was trained on base weights {want[:12]}..., not on {base_path} "
+                          f"({have[:12]}...)")
+    targets = peft_cfg.get("target_modules") or config.target_modules
+    if isinstance(targets, (list, tuple, set)):
+        targets = sorted(targets)
+    updated = replace(config, lora_r=int(peft_cfg.get("r", config.lora_r)),
+                      lora_alpha=int(peft_cfg.get("lora_alpha", config.lora_alpha)),
+                      lora_dropout=float(peft_cfg.get("lora_dropout", config.lora_dropout)),
+                      target_modules=targets)
+    source = {"path": str(folder), "name": manifest.get("name"), "version": manifest.get("version"),
+              "weights_sha256": manifest.get("weights_sha256") or _weights_sha256(folder),
+              "base_model_sha256": want}
+    return updated, source
 
 
 @dataclass
@@ -602,14 +652,15 @@ def train_sft(data: list[str | Path] | list[Dialogue], out_dir: str | Path, conf
         torch.set_num_threads(config.threads)
     transformers.set_seed(config.seed)
     base_path = resolve_base_model(config.base_model, cache_dir)
+    config, init_source = init_adapter_config(config, base_path)
     tok = load_tokenizer(base_path)
     prepared = prepare_data(data, tok, config)
     model = load_model(base_path, config)
     if config.method == "lora" and rank == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        log.info("LoRA r=%d: %d trainable of %d parameters (%.2f%%)", config.lora_r, trainable, total,
-                 100 * trainable / total)
+        log.info("LoRA r=%d: %d trainable of %d parameters (%.2f%%)%s", config.lora_r, trainable, total,
+                 100 * trainable / total, f", starting from {config.init_adapter}" if init_source else "")
     ckpt_dir = out / "checkpoints"
     small = prepared.splits.evaluation.get("kind") == "reference"
     # Few dialogues: the validation set is the general reference set, so no early stopping on it (it would stop
@@ -703,6 +754,7 @@ def train_sft(data: list[str | Path] | list[Dialogue], out_dir: str | Path, conf
             "train_loss": train_out.training_loss,
             "train_seconds": train_secs,
             "resumed_from": last,
+            "init_adapter": init_source,
             "plan": plan,
             "step_learning_rates": step_lrs[:1000],
             "weight_change": change,

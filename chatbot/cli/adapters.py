@@ -19,7 +19,7 @@ def cmd_train(args) -> int:
         "batch_size", "grad_accum", "learning_rate", "max_length", "truncation", "lora_r", "lora_alpha",
         "lora_dropout", "eval_steps", "save_steps", "logging_steps", "early_stopping_patience", "precision", "seed",
         "validation", "test", "eval_replies", "eval_max_new_tokens", "eval_batch_size", "max_eval_samples",
-        "system_prompt", "threads")}
+        "system_prompt", "threads", "init_adapter")}
     overrides.update(gradient_checkpointing=args.gradient_checkpointing, keep_checkpoints=args.keep_checkpoints)
     # `store` / `store:approved` in --data: the conversation log, exported to a file first
     res = train_adapter(settings(), args.data, args.out, overrides, resume=not args.no_resume, name=args.name)
@@ -244,6 +244,9 @@ def register(sub, eval_targets) -> None:
     sp.add_argument("--name", help="adapter name (default: the folder name)")
     sp.add_argument("--base-model", help="base chat model (default: the configured one)")
     sp.add_argument("--method", choices=["lora", "full"])
+    sp.add_argument("--init-adapter", metavar="ADAPTER", help="start from this LoRA adapter's weights (a registered "
+                    "name, version or folder) instead of a fresh LoRA: continue training it on new data; its rank "
+                    "and target modules are kept")
     sp.add_argument("--epochs", type=float)
     sp.add_argument("--max-steps", type=int)
     sp.add_argument("--min-steps", type=int, help="least optimizer steps when --max-steps is not given "

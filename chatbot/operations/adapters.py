@@ -400,12 +400,15 @@ def train_adapter(settings, data: Sequence[str | Path], out: str | Path, overrid
     model and ``train_*`` settings (least steps and examples, small-data threshold, evaluation size and reply
     budget), then the non-None ``overrides`` (:class:`~finetune.sft.SFTConfig` fields, e.g. from the command
     line). ``store`` / ``store:approved`` in ``data`` are the conversation log, exported to files first.
+    ``overrides["init_adapter"]`` (continue training that adapter) may name a registered adapter, a version or a
+    folder.
 
     Returns:
         the :class:`~finetune.sft.TrainResult` (``manifest``, ``out_dir``, ``is_main_process``).
 
     Raises:
         DataError / TooLittleDataError: the data is malformed or too small. ConfigError: a bad configuration.
+        NotFoundError / AdapterError: ``init_adapter`` names no adapter.
     """
     from finetune.sft import SFTConfig, train_sft
 
@@ -414,5 +417,7 @@ def train_adapter(settings, data: Sequence[str | Path], out: str | Path, overrid
            "max_eval_samples": settings.train_eval_samples, "eval_replies": settings.train_eval_replies,
            "eval_max_new_tokens": settings.train_eval_max_new_tokens}
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if cfg.get("init_adapter"):  # a registered name, a version or a folder -> the folder
+        cfg["init_adapter"] = str(registry.resolve_adapter(cfg["init_adapter"], adapter_options(settings)).path)
     files = export_conversation_log(data, settings)
     return train_sft(files, out, SFTConfig(**cfg), resume=resume, cache_dir=settings.cache_dir, name=name)

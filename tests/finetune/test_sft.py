@@ -16,7 +16,7 @@ from chatbot.errors import ConfigError
 from finetune.base_model import load_tokenizer
 from finetune.data import encode_dialogues
 from chatbot.hashing import model_fingerprint
-from finetune.sft import SFTConfig, build_trainer, load_model, resolve_precision, train_sft
+from finetune.sft import SFTConfig, build_trainer, init_adapter_config, load_model, resolve_precision, train_sft
 from tests.finetune.sft_helpers import tiny_llama, toy_dialogues
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,6 +195,47 @@ def test_train_writes_the_adapter_folder_and_resumes(tiny, tmp_path):
         assert m["metrics"][key] is not None and m["base_metrics"][key] is not None
     assert m["metrics"]["perplexity"] == pytest.approx(2.718281828 ** m["metrics"]["val_loss"], rel=1e-6)
     assert m["metrics"]["test_n"] == 3 and m["metrics"]["val_loss"] < m["base_metrics"]["val_loss"]
+
+
+@pytest.mark.slow
+def test_init_adapter_starts_from_its_weights_and_keeps_its_shape(tiny, tmp_path, chat_model_path):
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = {"base_model": tiny, "batch_size": 4, "max_length": 128, "eval_replies": 0, "eval_steps": 0}
+    first = train_sft(toy_dialogues(30), tmp_path / "first", SFTConfig(max_steps=3, lora_r=4, lora_alpha=8, **cfg),
+                      progress=False)
+    saved = load_file(str(tmp_path / "first" / "adapter_model.safetensors"))
+
+    # the model it builds holds the saved LoRA weights (B is not the fresh all-zero init), trainable, rank 4
+    config, source = init_adapter_config(SFTConfig(init_adapter=str(tmp_path / "first"), **cfg), tiny)
+    assert (config.lora_r, config.lora_alpha) == (4, 8)
+    assert source["weights_sha256"] == first.manifest["weights_sha256"] and source["name"] == "first"
+    model = load_model(tiny, config)
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved) and all(p.requires_grad for p in loaded.values())
+    for name, tensor in saved.items():
+        key = next(n for n in loaded if n.replace(".default", "").endswith(name.split("base_model.model.")[-1]))
+        assert torch.equal(loaded[key].detach(), tensor.to(loaded[key].dtype)), key
+    assert any(float(t.abs().sum()) > 0 for n, t in saved.items() if "lora_B" in n)
+
+    # continued training: same rank whatever lora_r says, provenance recorded, starts where the first run ended
+    res = train_sft(toy_dialogues(30), tmp_path / "second",
+                    SFTConfig(max_steps=2, lora_r=16, init_adapter=str(tmp_path / "first"), **cfg), progress=False)
+    m = res.manifest
+    assert m["training"]["lora_r"] == 4 and m["training"]["init_adapter"]["version"] == first.manifest["version"]
+    assert json.loads((tmp_path / "second" / "adapter_config.json").read_text())["r"] == 4
+    assert m["base_metrics"]["val_loss"] == pytest.approx(first.manifest["base_metrics"]["val_loss"], rel=1e-5)
+    assert m["metrics"]["val_loss"] < first.manifest["base_metrics"]["val_loss"]
+
+    # another base model's weights, or full fine-tuning, are refused before training
+    other = tiny_llama(tmp_path / "other", chat_model_path, seed=1)
+    with pytest.raises(ConfigError, match="was trained on base weights"):
+        init_adapter_config(SFTConfig(init_adapter=str(tmp_path / "first"), base_model=other), other)
+    with pytest.raises(ConfigError, match="not a LoRA adapter folder"):
+        init_adapter_config(SFTConfig(init_adapter=str(tmp_path)), tiny)
+    with pytest.raises(ConfigError, match="method must be 'lora'"):
+        SFTConfig(method="full", init_adapter=str(tmp_path / "first"))
 
 
 def test_left_padded_batch_gives_the_same_greedy_tokens_as_alone(tiny):

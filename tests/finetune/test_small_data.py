@@ -147,3 +147,16 @@ def test_cli_train_prints_the_run_and_refuses_too_little_data(tiny, tmp_path, ca
     rc = main(["train", "--data", str(few), "--out", str(tmp_path / "b"), "--base-model", tiny])
     err = capsys.readouterr().err
     assert rc == 2 and "error: too little data to learn from: 2 dialogue(s), at least min_examples=3" in err
+
+    # --init-adapter continues adapter "a" (a folder here; a registered name or version works the same way)
+    rc = main(["train", "--data", str(data), "--out", str(tmp_path / "c"), "--base-model", tiny, "--eval-replies",
+               "0", "--max-steps", "2", "--init-adapter", str(tmp_path / "a")])
+    capsys.readouterr()
+    first = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    cont = json.loads((tmp_path / "c" / "adapter.json").read_text())
+    assert rc == 0 and cont["training"]["init_adapter"]["version"] == first["version"]
+    assert cont["training"]["global_step"] == 2 and cont["weights_sha256"] != first["weights_sha256"]
+    rc = main(["train", "--data", str(data), "--out", str(tmp_path / "d"), "--base-model", tiny,
+               "--init-adapter", "no-such-adapter"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: adapter 'no-such-adapter' is neither a folder" in err and not (tmp_path / "d").exists()
