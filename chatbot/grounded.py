@@ -9,16 +9,15 @@ Each example is a chat dialogue ``{"id", "messages": [system, *history, user, as
   order (so the model learns to find the answer, not a position);
 * the reply (``GroundedOptions.reply``):
 
-  - ``supported``: the reply a verified answer would show. Each sentence of the reference reply that
-    the service's :class:`~chatbot.verification.Verifier` supports is kept; one it would withhold (a paraphrase,
-    a follow-up question) is replaced by the gold passage sentences it was written from (those sharing the most
-    content tokens with it), quoted. Every sentence carries its citation ``[n]`` as the verified mode writes it
+  - ``supported`` (default; the shipped adapter was trained on it): the reply a verified answer would show. Each
+    sentence of the reference reply that the service's :class:`~chatbot.verification.Verifier` supports is kept;
+    one it would withhold (a paraphrase, a follow-up question) is replaced by the gold passage sentences it was
+    written from (those sharing the most content tokens with it), quoted. Every sentence carries its citation ``[n]`` as the verified mode writes it
     (:func:`chatbot.verification.cite`), and every one is checked again by the ``Verifier`` at build time, so the
     model is never taught a sentence the service would withhold. Human replies in DSTC11 paraphrase their
     snippets: 2 of 323 held-out reply sentences pass the verifier as written;
-  - ``reference`` (default; the first shipped adapter was trained on it; the shipped one on ``supported``, see
-    ``docs/finetuning.md``): the reference reply with the gold passages' numbers as citation markers at the end of
-    its first sentence (:func:`with_citations`);
+  - ``reference`` (the first shipped adapter was trained on it, see ``docs/finetuning.md``): the reference reply
+    with the gold passages' numbers as citation markers at the end of its first sentence (:func:`with_citations`);
 * an *unanswerable* example is the same question with the gold passages (and every chunk of their documents)
   removed; its reply is the service's abstention (``Settings.abstain_message``), which offers a person.
 
@@ -96,18 +95,18 @@ class GroundedOptions:
         validation: share of cases held out (by case id), in [0, 1).
         seed: for the passage order and the unanswerable draw (each case's draw depends only on it and its id).
         candidates: hits searched per case to find distractors outside the gold documents (>= ``passages``).
-        reply: ``reference`` (the reference reply, cited) or ``supported`` (sentences the verifier supports, see
-            the module docstring).
+        reply: ``supported`` (sentences the verifier supports, see the module docstring) or ``reference`` (the
+            reference reply, cited).
         min_overlap: the verifier's ``min_overlap`` for ``supported`` replies (``Settings.verify_min_overlap``).
         max_quotes: passage sentences a ``supported`` reply quotes at most, >= 1.
     """
 
     passages: int = 3
-    unanswerable: float = 0.2
+    unanswerable: float = 0.1
     validation: float = 0.1
     seed: int = 13
     candidates: int = 20
-    reply: str = "reference"
+    reply: str = "supported"
     min_overlap: float = DEFAULT_MIN_OVERLAP
     max_quotes: int = 3
 

@@ -293,18 +293,18 @@ def register(sub, eval_targets) -> None:
     src.add_argument("--from-store", action="store_true", help="the conversation log's reviewer-approved replies "
                      "with the passages they cited (distractors from the published index)")
     sp.add_argument("--docs", nargs="+", type=Path, help="with --qa: the documents the replies come from")
-    sp.add_argument("--layout", choices=["snippets", "documents"], default="snippets",
-                    help="with --dataset: each FAQ / review sentence as its own passage, or its knowledge as one "
-                    "document per entity, chunked as the service chunks (passages hold several answers, as a help "
-                    "centre's do)")
+    sp.add_argument("--layout", choices=["snippets", "documents"], default="documents",
+                    help="with --dataset: its knowledge as one document per entity, chunked as the service chunks "
+                    "(default: passages hold several answers, as a help centre's do), or each FAQ / review "
+                    "sentence as its own passage")
     sp.add_argument("--out", type=Path, required=True, help="folder for train.jsonl, heldout.jsonl, manifest.json")
     sp.add_argument("--passages", type=int, help="passages per prompt (default: CHATBOT_TOP_K)")
-    sp.add_argument("--unanswerable", type=float, default=0.2, help="share of cases that also give an "
+    sp.add_argument("--unanswerable", type=float, default=0.1, help="share of cases that also give an "
                     "unanswerable example (gold removed, the abstention)")
-    sp.add_argument("--reply", choices=["reference", "supported"], default="reference",
-                    help="reference: the reference reply as written, cited; supported: the reference reply's "
-                    "sentences the verifier supports, the gold passage sentences quoted for the others (what "
-                    "verified mode would show)")
+    sp.add_argument("--reply", choices=["supported", "reference"], default="supported",
+                    help="supported (default): the reference reply's sentences the verifier supports, the gold "
+                    "passage sentences quoted for the others (what verified mode would show); reference: the "
+                    "reference reply as written, cited")
     sp.add_argument("--validation", type=float, default=0.1, help="share of cases held out (by case id)")
     sp.add_argument("--history-turns", type=int, default=0, help="earlier turns kept in the prompt (training "
                     "learns every assistant turn, so 0 keeps the loss on the grounded reply)")

@@ -226,13 +226,13 @@ def build_grounded(settings, out: str | Path, dataset: str | None = None, qa: Pa
                    docs: Sequence[str | Path] | None = None, from_store: bool = False,
                    exclude: Sequence[str | Path] = (),
                    options: GroundedOptions | None = None, history_turns: int = 0, limit: int | None = None,
-                   index_dir: Path | None = None, layout: str = "snippets") -> dict:
+                   index_dir: Path | None = None, layout: str = "documents") -> dict:
     """Build a retrieval-format SFT set into ``out`` (:func:`chatbot.grounded.build_grounded_set`).
 
     One source of cases:
 
-    * ``dataset="dstc11_track5"``: with ``layout="snippets"`` (default) each snippet is a passage, indexed under
-      ``data_dir/eval/dstc11_track5``; with ``layout="documents"`` its knowledge as one document per entity
+    * ``dataset="dstc11_track5"``: with ``layout="snippets"`` each snippet is a passage, indexed under
+      ``data_dir/eval/dstc11_track5``; with ``layout="documents"`` (default) its knowledge as one document per entity
       (:func:`dstc11_documents`), chunked and indexed as the service does under ``data_dir/grounded/dstc11_track5``,
       the chunks holding the gold snippets as gold (:func:`gold_chunks`);
     * ``qa`` pairs over ``docs``, indexed under ``index_dir`` (default ``data_dir/grounded/<qa file stem>``);

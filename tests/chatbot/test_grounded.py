@@ -134,8 +134,8 @@ def test_a_case_whose_reply_is_not_in_its_gold_passages_gives_no_example_and_is_
     # sentence counts are those of the examples written (the skipped case's sentence is not among them)
     assert m["counts"]["reply_sentences"] == {"kept": 0, "quoted": 1, "dropped": 0, "rejected": 0}
     assert m["options"]["reply"] == "supported"
-    # the reference reply as written, by default
-    ex = builder(unanswerable=0.0).examples(off)
+    # the reference reply as written, with reply="reference"
+    ex = builder(unanswerable=0.0, reply="reference").examples(off)
     assert ex[0]["messages"][-1]["content"].startswith("Our staff love cats and birds [")
 
 
@@ -182,8 +182,8 @@ def test_dev_questions_and_documents_are_left_out_and_counted(tmp_path):
     wifi = Hit(-1, "hotel_9:faq:1", "Hotel 9", "k", "The wifi at hotel nine is free for all guests.", 1.0, 0)
     cases = [case(0), case(1), case(2), GroundedCase("c3", "Is the wifi free?", "Yes, it is free.", (wifi,))]
     assert [ex.reason(c) for c in cases] == [None, "dev question", None, "dev document"]
-    m = build_grounded_set(cases, builder(unanswerable=0.0, validation=0.0), tmp_path / "out", ex,
-                           [{"name": "test"}])
+    m = build_grounded_set(cases, builder(unanswerable=0.0, validation=0.0, reply="reference"), tmp_path / "out",
+                           ex, [{"name": "test"}])
     assert m["counts"]["excluded"] == {"dev question": 1, "dev document": 1}
     rows = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["c0:a", "c2:a"]
@@ -223,7 +223,7 @@ def test_cli_builds_a_set_from_an_operators_documents_and_pairs(tmp_path, monkey
     qa.write_text("".join(json.dumps({"id": i, "question": q, "reply": r, "gold": [d]}) + "\n" for i, q, r, d in pairs))
     out = tmp_path / "set"
     assert main(["build-sft", "--grounded", "--qa", str(qa), "--docs", str(kb), "--out", str(out), "--passages", "2",
-                 "--unanswerable", "1", "--validation", "0", "--no-exclude"]) == 0
+                 "--unanswerable", "1", "--validation", "0", "--no-exclude", "--reply", "reference"]) == 0
     assert "train: 3 answerable + 3 unanswerable examples" in capsys.readouterr().out
     rows = {r["id"]: r for r in map(json.loads, (out / "train.jsonl").read_text().splitlines())}
     for i, _, reply, doc in pairs:
@@ -235,10 +235,10 @@ def test_cli_builds_a_set_from_an_operators_documents_and_pairs(tmp_path, monkey
         assert doc not in u["meta"]["passages"] and u["messages"][-1]["content"].startswith("I'm sorry")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sources"][0]["cases"] == 3 and manifest["files"]["train"]["examples"] == 6
-    # --reply supported: each reply is a sentence the verifier supports (8.00, 30 days, never expire), kept as is
+    # --reply supported (the default): each reply is a sentence the verifier supports (8.00, 30 days, never
+    # expire), kept as is
     assert main(["build-sft", "--grounded", "--qa", str(qa), "--docs", str(kb), "--out", str(tmp_path / "sup"),
-                 "--passages", "2", "--unanswerable", "0", "--validation", "0", "--no-exclude",
-                 "--reply", "supported"]) == 0
+                 "--passages", "2", "--unanswerable", "0", "--validation", "0", "--no-exclude"]) == 0
     assert "reply sentences: 3 kept as written, 0 dropped" in capsys.readouterr().out
     sup = json.loads((tmp_path / "sup" / "manifest.json").read_text())
     assert sup["options"]["reply"] == "supported" and sup["counts"]["reply_sentences"]["kept"] == 3
@@ -264,7 +264,7 @@ def test_approved_transcripts_become_cases_grounded_in_the_passages_they_cited(t
     assert source == {"name": "store:approved", "cases": 1, "uncited": 1}
     (c,) = cases
     assert ([h.doc_id for h in c.gold], c.gold[0].text, c.reply) == ([GOLD.doc_id], GOLD.text, "Sorry, no pets are allowed.")
-    ex = builder(unanswerable=0.0).examples(c)[0]
+    ex = builder(unanswerable=0.0, reply="reference").examples(c)[0]
     (n,) = ex["meta"]["gold_numbers"]
     assert passages_of(ex["messages"][0]["content"])[n] == GOLD.text
     assert ex["messages"][-1]["content"] == f"Sorry, no pets are allowed [{n}]."
