@@ -12,10 +12,10 @@ Each example is a chat dialogue ``{"id", "messages": [system, *history, user, as
   - ``supported`` (default; the shipped adapter was trained on it): the reply a verified answer would show. Each
     sentence of the reference reply that the service's :class:`~chatbot.verification.Verifier` supports is kept;
     one it would withhold (a paraphrase, a follow-up question) is replaced by the gold passage sentences it was
-    written from (those sharing the most content tokens with it), quoted. Every sentence carries its citation ``[n]`` as the verified mode writes it
-    (:func:`chatbot.verification.cite`), and every one is checked again by the ``Verifier`` at build time, so the
-    model is never taught a sentence the service would withhold. Human replies in DSTC11 paraphrase their
-    snippets: 2 of 323 held-out reply sentences pass the verifier as written;
+    written from (those sharing the most content tokens with it), quoted. Every sentence carries its citation
+    ``[n]`` as the verified mode writes it (:func:`chatbot.verification.cite`), and every one is checked again by
+    the ``Verifier`` at build time, so the model is never taught a sentence the service would withhold. Human
+    replies in DSTC11 paraphrase their snippets: 2 of 323 held-out reply sentences pass the verifier as written;
   - ``reference`` (the first shipped adapter was trained on it, see ``docs/finetuning.md``): the reference reply
     with the gold passages' numbers as citation markers at the end of its first sentence (:func:`with_citations`);
 * an *unanswerable* example is the same question with the gold passages (and every chunk of their documents)

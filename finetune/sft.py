@@ -115,7 +115,8 @@ class SFTConfig:
             instead of a fresh LoRA initialisation: continued training of an adapter on new data (an operator's
             reviewed transcripts on top of the shipped grounded adapter). Its LoRA rank, alpha, dropout and target
             modules replace ``lora_*`` / ``target_modules`` (see :func:`init_adapter_config`); it must have been
-            trained on the same base model weights (fingerprint check). LoRA only.
+            trained on the same base model weights (fingerprint check, when its ``adapter.json`` names them; a
+            plain peft folder is not checked). LoRA only.
     """
 
     base_model: str = EMBEDDED_CHAT_MODEL
@@ -259,19 +260,25 @@ def world_info() -> tuple[int, int]:
 def load_model(path: str, config: SFTConfig):
     """The base model (fp32 weights; mixed precision is autocast) wrapped for ``config.method``.
 
+    With ``config.init_adapter`` the LoRA weights are that adapter's, trainable (call :func:`init_adapter_config`
+    first: it checks the base weights and sets the matching ``lora_*`` fields).
+
     Returns:
         A ``PeftModel`` (LoRA: only the adapter trains) or the plain model (full fine-tuning).
 
     Raises:
-        ModelAssetError: the checkpoint cannot be loaded.
+        ModelAssetError: the checkpoint cannot be loaded. ConfigError: ``init_adapter`` does not load on it.
     """
     model = load_causal_lm(path)
     if config.method == "full":
         return model
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if config.init_adapter is not None:
-        return PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
+    if config.init_adapter is not None:  # its shape; the base-weights check is init_adapter_config's
+        try:
+            return PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ConfigError(f"init_adapter {config.init_adapter} does not load on {path}: {exc}") from exc
 
     lora = LoraConfig(
         task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

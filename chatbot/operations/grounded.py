@@ -232,9 +232,9 @@ def build_grounded(settings, out: str | Path, dataset: str | None = None, qa: Pa
     One source of cases:
 
     * ``dataset="dstc11_track5"``: with ``layout="snippets"`` each snippet is a passage, indexed under
-      ``data_dir/eval/dstc11_track5``; with ``layout="documents"`` (default) its knowledge as one document per entity
-      (:func:`dstc11_documents`), chunked and indexed as the service does under ``data_dir/grounded/dstc11_track5``,
-      the chunks holding the gold snippets as gold (:func:`gold_chunks`);
+      ``data_dir/eval/dstc11_track5``; with ``layout="documents"`` (default) its knowledge as one document per
+      entity (:func:`dstc11_documents`), chunked and indexed as the service does under
+      ``data_dir/grounded/dstc11_track5``, the chunks holding the gold snippets as gold (:func:`gold_chunks`);
     * ``qa`` pairs over ``docs``, indexed under ``index_dir`` (default ``data_dir/grounded/<qa file stem>``);
     * ``from_store``: the conversation log's reviewer-approved replies with the passages they cited
       (:func:`transcript_cases`); distractors come from the published index.
