@@ -39,6 +39,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from chatbot.engines.base import ChatMessage
 from chatbot.errors import InvalidInputError
 from chatbot.jsonl import iter_jsonl
 from chatbot.prompts import build_prompt
-from chatbot.verification import Verifier, cite, content_tokens, sanitize_passage, split_sentences, strip_markers
+from chatbot.verification import Evidence, Verifier, cite, content_tokens, sanitize_passage, split_sentences, strip_markers
 from retrieval.documents import Hit
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ class GroundedOptions:
             reference reply, cited).
         min_overlap: the verifier's ``min_overlap`` for ``supported`` replies (``Settings.verify_min_overlap``).
         max_quotes: passage sentences a ``supported`` reply quotes at most, >= 1.
+        verified_prompts: share of cases (drawn by case id) whose examples carry the prompt of the ``verified``
+            answer mode, in [0, 1]: each passage cut to its sentences among the question's most relevant ones
+            (:meth:`chatbot.verification.Evidence.focus`, ``Settings.prompt_max_units``), which is what the service
+            sends the model in that mode; the others carry whole passages (the ``generate`` mode's prompt).
     """
 
     passages: int = 3
@@ -109,6 +114,7 @@ class GroundedOptions:
     reply: str = "supported"
     min_overlap: float = DEFAULT_MIN_OVERLAP
     max_quotes: int = 3
+    verified_prompts: float = 0.0
 
     def __post_init__(self) -> None:
         if self.passages < 1:
@@ -125,6 +131,8 @@ class GroundedOptions:
             raise InvalidInputError(f"min_overlap must be in (0, 1], got {self.min_overlap}")
         if self.max_quotes < 1:
             raise InvalidInputError(f"max_quotes must be >= 1, got {self.max_quotes}")
+        if not 0.0 <= self.verified_prompts <= 1.0:
+            raise InvalidInputError(f"verified_prompts must be in [0, 1], got {self.verified_prompts}")
 
 
 def normalize(text: str) -> str:
@@ -278,9 +286,14 @@ def _case_rng(seed: int, case_id: str) -> random.Random:
 
 def held_out(case_id: str, share: float, seed: int) -> bool:
     """Whether a case belongs to the held-out split: a stable function of its id (``share`` of ids)."""
+    return _drawn("split", case_id, share, seed)
+
+
+def _drawn(purpose: str, case_id: str, share: float, seed: int) -> bool:
+    # a stable draw per (purpose, seed, case id), independent of the case's passage-order generator
     if share <= 0:
         return False
-    digest = hashlib.sha256(f"split\0{seed}\0{case_id}".encode()).digest()
+    digest = hashlib.sha256(f"{purpose}\0{seed}\0{case_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
@@ -294,27 +307,52 @@ class GroundedBuilder:
         count_tokens: tokens of a message list under the chat model's template (``Engine.count_prompt_tokens``).
         budget_tokens: ``max_model_len - max_new_tokens``, as the service passes to :func:`build_prompt`.
         options: see :class:`GroundedOptions`.
+        encode: the service's embedder (``texts -> (n, dim)`` L2-normalised rows), for verified-mode prompts.
+        prompt_max_units: ``Settings.prompt_max_units``, for verified-mode prompts.
+
+    Raises:
+        InvalidInputError: ``options.verified_prompts`` > 0 without ``encode`` or with ``prompt_max_units`` < 1.
     """
 
     def __init__(self, search: Search, system_prompt: str, abstain_message: str,
                  count_tokens: Callable[[list[ChatMessage]], int], budget_tokens: int,
-                 options: GroundedOptions | None = None) -> None:
+                 options: GroundedOptions | None = None, encode: Callable | None = None,
+                 prompt_max_units: int = 0) -> None:
+        options = options or GroundedOptions()
+        if options.verified_prompts > 0 and (encode is None or prompt_max_units < 1):
+            raise InvalidInputError("verified-mode prompts need the embedder and prompt_max_units >= 1, got "
+                                    f"encode={encode!r}, prompt_max_units={prompt_max_units}")
         self.search = search
         self.system_prompt = system_prompt
         self.abstain_message = abstain_message
         self.count_tokens = count_tokens
         self.budget_tokens = budget_tokens
-        self.options = options or GroundedOptions()
+        self.options = options
+        self.encode = encode
+        self.prompt_max_units = prompt_max_units
         #: cases that gave no answerable example, by reason (``no_fit``, ``no_supported_reply``)
         self.skipped: Counter[str] = Counter()
+
+    @contextmanager
+    def _quiet_skips(self):
+        # a verified-mode attempt that fails is retried with whole passages: its skip is not the case's
+        before = Counter(self.skipped)
+        try:
+            yield
+        finally:
+            self.skipped = before
 
     def _distractors(self, case: GroundedCase) -> list[Hit]:
         gold_docs = {h.doc_id for h in case.gold}
         return [h for h in self.search(case.question, self.options.candidates) if h.doc_id not in gold_docs]
 
-    def _example(self, case: GroundedCase, passages: list[Hit], answerable: bool) -> dict | None:
+    def _example(self, case: GroundedCase, passages: list[Hit], answerable: bool,
+                 verified_prompt: bool = False) -> dict | None:
         # as the service prompts them: sentences addressed to the assistant are an injection, never prompted
         passages = [replace(h, text=sanitize_passage(h.text)) for h in passages]
+        if verified_prompt:  # as the verified mode prompts them: the sentences that matter (the same function)
+            evidence = Evidence.for_hits(case.question, passages, self.encode, case.question)
+            passages = evidence.focus(passages, self.prompt_max_units)
         prompt = build_prompt(self.system_prompt, case.question, passages, list(case.history), self.count_tokens,
                               self.budget_tokens)
         gold_docs = {h.doc_id for h in case.gold}
@@ -325,6 +363,8 @@ class GroundedBuilder:
         meta = {"source": case.source, "case": case.id, "kind": "answerable" if answerable else "unanswerable",
                 "gold_numbers": numbers, "passages": [h.doc_id for h in prompt.hits],
                 "history_kept": prompt.history_kept}
+        if verified_prompt:
+            meta["prompt"] = "verified"
         if not answerable:
             reply = self.abstain_message
         elif self.options.reply == "reference":
@@ -337,7 +377,7 @@ class GroundedBuilder:
                 self.skipped["no_supported_reply"] += 1  # nothing of the reference reply is in the gold passages
                 return None
         return {
-            "id": f"{case.id}:{meta['kind'][0]}",
+            "id": f"{case.id}:{meta['kind'][0]}{'v' if verified_prompt else ''}",
             "messages": [m.as_dict() for m in prompt.messages] + [{"role": "assistant", "content": reply}],
             "meta": meta,
         }
@@ -346,6 +386,9 @@ class GroundedBuilder:
         """The case's answerable example (gold among distractors, shuffled) and, for a share of cases, its
         unanswerable one (distractors only, the abstention). Empty when the gold passages cannot fit or, for
         ``supported`` replies, when no sentence of the reference reply is in them (counted in :attr:`skipped`).
+        For a share of cases (:attr:`GroundedOptions.verified_prompts`) both carry the verified mode's prompt; an
+        answerable one whose cut passages lost every sentence its reply needs carries whole passages instead
+        (counted as ``verified_prompt_lost``).
 
         Raises:
             InvalidInputError: the case has no gold passage.
@@ -358,12 +401,21 @@ class GroundedBuilder:
         gold = list(case.gold[: o.passages])
         passages = gold + distractors[: o.passages - len(gold)]
         rng.shuffle(passages)
-        ex = self._example(case, passages, answerable=True)
+        verified = _drawn("verified", case.id, o.verified_prompts, o.seed)
+        ex = None
+        if verified:
+            with self._quiet_skips():
+                ex = self._example(case, passages, answerable=True, verified_prompt=True)
+            if ex is None:
+                self.skipped["verified_prompt_lost"] += 1
+                verified = False
+        if ex is None:
+            ex = self._example(case, passages, answerable=True)
         if ex is None:
             return []
         out = [ex]
         if rng.random() < o.unanswerable and distractors:
-            ex = self._example(case, distractors[: o.passages], answerable=False)
+            ex = self._example(case, distractors[: o.passages], answerable=False, verified_prompt=verified)
             if ex is not None:
                 out.append(ex)
         return out
@@ -387,7 +439,7 @@ def build_grounded_set(cases: Iterable[GroundedCase], builder: GroundedBuilder, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     o = builder.options
-    counts = {"cases": 0, "excluded": {}, "no_fit": 0, "no_supported_reply": 0,
+    counts = {"cases": 0, "excluded": {}, "no_fit": 0, "no_supported_reply": 0, "verified_prompt_lost": 0,
               "train": {"answerable": 0, "unanswerable": 0}, "heldout": {"answerable": 0, "unanswerable": 0},
               "reply_sentences": Counter()}
     skipped_before = Counter(builder.skipped)
@@ -419,7 +471,8 @@ def build_grounded_set(cases: Iterable[GroundedCase], builder: GroundedBuilder, 
         "sources": list(sources),
         "options": {"passages": o.passages, "unanswerable": o.unanswerable, "validation": o.validation,
                     "seed": o.seed, "candidates": o.candidates, "budget_tokens": builder.budget_tokens,
-                    "reply": o.reply, "min_overlap": o.min_overlap, "max_quotes": o.max_quotes},
+                    "reply": o.reply, "min_overlap": o.min_overlap, "max_quotes": o.max_quotes,
+                    "verified_prompts": o.verified_prompts, "prompt_max_units": builder.prompt_max_units},
         "system_prompt_sha256": hashlib.sha256(builder.system_prompt.encode()).hexdigest(),
         "abstain_message": builder.abstain_message,
         "counts": counts,

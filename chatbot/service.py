@@ -653,9 +653,7 @@ class Assistant:
                 return await self._fixed_turn(conversation_id, user_text, channel, decision, s.abstain_message,
                                               kind="abstained")
             encode = self.retriever.embedder.encode
-            evidence = await asyncio.to_thread(
-                Evidence.build, query, [h.text for h in hits], encode, user_text, [h.title for h in hits],
-                [" > ".join(h.headings) for h in hits])
+            evidence = await asyncio.to_thread(Evidence.for_hits, query, hits, encode, user_text)
             if mode == "extractive":
                 turn = await self._fixed_turn(conversation_id, user_text, channel, decision, "", hits=hits,
                                               index_version=index_version)

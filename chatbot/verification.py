@@ -437,6 +437,14 @@ class Evidence:
         on_topic = [not focus or bool(focus & set(content_tokens(f"{u.context} {u.text}"))) for u in units]
         return cls(units, [float(x) for x in scores], on_topic)
 
+    @classmethod
+    def for_hits(cls, query: str, hits: Sequence, encode, message: str | None = None) -> "Evidence":
+        """:meth:`build` over retrieved ``hits`` (:class:`retrieval.documents.Hit`): their texts, titles and heading
+        paths. The service's verified turn and the SFT builder's verified-mode prompts both call this, so the model
+        is trained on the passages it is served."""
+        return cls.build(query, [h.text for h in hits], encode, message, [h.title for h in hits],
+                         [" > ".join(h.headings) for h in hits])
+
     def within(self, n_passages: int) -> "Evidence":
         """The evidence of the first ``n_passages`` passages only (those the prompt kept)."""
         keep = [i for i, u in enumerate(self.units) if u.passage <= n_passages]

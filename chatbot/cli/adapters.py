@@ -44,7 +44,7 @@ def cmd_build_sft(args) -> int:
     exclude = [] if args.no_exclude else (args.exclude or [p for p in [PROJECT_ROOT / "data" / "eval"] if p.exists()])
     options = GroundedOptions(passages=args.passages or s.top_k, unanswerable=args.unanswerable,
                               validation=args.validation, seed=args.seed, reply=args.reply,
-                              min_overlap=s.verify_min_overlap)
+                              min_overlap=s.verify_min_overlap, verified_prompts=args.verified_prompts)
     m = build_grounded(s, args.out, dataset=args.dataset, qa=args.qa, docs=args.docs, from_store=args.from_store,
                        exclude=exclude, options=options, history_turns=args.history_turns, limit=args.limit,
                        layout=args.layout)
@@ -52,6 +52,9 @@ def cmd_build_sft(args) -> int:
     excluded = ", ".join(f"{n} ({why})" for why, n in c["excluded"].items()) or "none"
     print(f"{c['cases']} cases; excluded {excluded}; gold passages did not fit the prompt: {c['no_fit']}; "
           f"no reply sentence in the gold passages: {c['no_supported_reply']}")
+    if options.verified_prompts:
+        print(f"verified-mode prompts: share {options.verified_prompts}; {c.get('verified_prompt_lost', 0)} cases "
+              "kept whole passages (the cut passages lost the sentences of the reply)")
     if c["reply_sentences"]:
         r = c["reply_sentences"]
         print(f"reply sentences: {r.get('kept', 0)} kept as written, {r.get('dropped', 0)} dropped (not in the "
@@ -305,6 +308,9 @@ def register(sub, eval_targets) -> None:
                     help="supported (default): the reference reply's sentences the verifier supports, the gold "
                     "passage sentences quoted for the others (what verified mode would show); reference: the "
                     "reference reply as written, cited")
+    sp.add_argument("--verified-prompts", type=float, default=0.0, help="share of cases whose examples carry the "
+                    "verified mode's prompt (passages cut to the question's CHATBOT_PROMPT_MAX_UNITS most relevant "
+                    "sentences, as the service sends them in that mode); the rest whole passages (generate mode)")
     sp.add_argument("--validation", type=float, default=0.1, help="share of cases held out (by case id)")
     sp.add_argument("--history-turns", type=int, default=0, help="earlier turns kept in the prompt (training "
                     "learns every assistant turn, so 0 keeps the loss on the grounded reply)")

@@ -306,5 +306,6 @@ def build_grounded(settings, out: str | Path, dataset: str | None = None, qa: Pa
     if limit:
         cases = cases[:limit]
     builder = GroundedBuilder(search, settings.system_prompt, settings.abstain_message, _count_tokens(settings),
-                              settings.max_model_len - settings.max_new_tokens, options)
+                              settings.max_model_len - settings.max_new_tokens, options, embedder.encode,
+                              settings.prompt_max_units)
     return build_grounded_set(cases, builder, out, exclusions, [source])

@@ -11,6 +11,7 @@ import re
 import pytest
 
 from chatbot.engines.base import ChatMessage
+from chatbot.errors import InvalidInputError
 from chatbot.grounded import (
     Exclusions,
     GroundedBuilder,
@@ -144,8 +145,9 @@ class ListRetriever:
 
     version = "v-test"
 
-    def __init__(self, hits):
+    def __init__(self, hits, embedder=None):
         self.hits = hits
+        self.embedder = embedder
 
     def search_batch(self, queries, k, min_score=None):
         return [list(self.hits[:k]) for _ in queries]
@@ -170,6 +172,56 @@ def test_the_builder_writes_the_prompt_the_service_builds(tmp_path):
     assert ex["messages"][:-1] == [m.as_dict() for m in turn.prompt.messages]
     assert "free refund" not in ex["messages"][0]["content"]
     assert ex["meta"]["gold_numbers"] == [2] and ex["messages"][-1]["content"] == "No, pets are not allowed [2]."
+
+
+LONG = [Hit(20, "acorn.md", "Acorn Guest House", "kb/acorn.md",
+             "Breakfast is served from 7 to 10.\nPets are not allowed at the Acorn.\nThe garden has a pond.\n"
+             "Checkout is at 11.", 0.9, 0),
+        Hit(21, "bridge.md", "Bridge Hotel", "kb/bridge.md",
+            "Dogs stay free at the Bridge Hotel.\nThe bar opens at 5.\nRooms have a kettle.", 0.8, 1),
+        Hit(22, "city.md", "City Inn", "kb/city.md", "Parking costs $12.00.\nWifi is free.", 0.7, 2)]
+
+
+def test_verified_mode_examples_carry_the_cut_passages_the_service_sends(tmp_path, embedder):
+    question = "Can I bring my dog to the Acorn?"
+    engine = ScriptedEngine("Pets are not allowed at the Acorn [1].")
+    a = make_assistant(tmp_path, engine, answer_mode="verified", routing=False, top_k=3, min_score=0.0,
+                       prompt_max_units=2)
+    a.retriever = ListRetriever(LONG, embedder)
+    turn = asyncio.run(a.start_turn(None, question))
+    s = a.settings
+    gold = GroundedCase("c", question, "No, pets are not allowed.", (LONG[0],),
+                        evidence=("Pets are not allowed at the Acorn.",))
+    b = GroundedBuilder(search, s.system_prompt, s.abstain_message, engine.count_prompt_tokens,
+                        s.max_model_len - s.max_new_tokens, GroundedOptions(passages=3), embedder.encode,
+                        s.prompt_max_units)
+    ex = b._example(gold, LONG, answerable=True, verified_prompt=True)
+    assert ex["messages"][:-1] == [m.as_dict() for m in turn.prompt.messages]
+    shown = passages_of(ex["messages"][0]["content"])
+    assert "Pets are not allowed at the Acorn." in shown[1].splitlines()
+    assert "The garden has a pond." not in shown[1] and "Checkout is at 11." not in shown[1]  # cut away
+    assert len(shown) == 3 and all(shown.values())  # each passage keeps its best sentence: numbering stays
+    assert ex["id"] == "c:av" and ex["meta"]["prompt"] == "verified"
+    assert ex["messages"][-1]["content"] == "Pets are not allowed at the Acorn [1]."
+    # the whole-passage example of the same case is the generate mode's prompt
+    whole = b._example(gold, LONG, answerable=True)
+    assert passages_of(whole["messages"][0]["content"])[1] == LONG[0].text and "prompt" not in whole["meta"]
+
+
+def test_a_verified_prompt_that_cuts_the_answer_away_falls_back_to_whole_passages(tmp_path, embedder):
+    # the reply's sentence ranks below the cut: the example keeps whole passages and the case is counted
+    hidden = GroundedCase("h", "What time is breakfast at the Acorn?", "Checkout is at 11.", (LONG[0],),
+                          evidence=("Checkout is at 11.",))
+    b = GroundedBuilder(lambda q, k: LONG[1:], "Answer from the passages.", ABSTAIN, words, 1800,
+                        GroundedOptions(passages=3, unanswerable=1.0, verified_prompts=1.0), embedder.encode, 1)
+    m = build_grounded_set([hidden], b, tmp_path / "out")
+    assert m["counts"]["verified_prompt_lost"] == 1 and m["counts"]["no_supported_reply"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["h:a", "h:u"]  # both whole passages
+    assert "Checkout is at 11." in rows[0]["messages"][0]["content"]
+    assert m["options"]["verified_prompts"] == 1.0 and m["options"]["prompt_max_units"] == 1
+    with pytest.raises(InvalidInputError, match="prompt_max_units"):
+        GroundedBuilder(search, "s", ABSTAIN, words, 1800, GroundedOptions(verified_prompts=0.5))
 
 
 def test_dev_questions_and_documents_are_left_out_and_counted(tmp_path):
