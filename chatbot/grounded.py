@@ -39,7 +39,6 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -48,7 +47,15 @@ from chatbot.engines.base import ChatMessage
 from chatbot.errors import InvalidInputError
 from chatbot.jsonl import iter_jsonl
 from chatbot.prompts import build_prompt
-from chatbot.verification import Evidence, Verifier, cite, content_tokens, sanitize_passage, split_sentences, strip_markers
+from chatbot.verification import (
+    Evidence,
+    Verifier,
+    cite,
+    content_tokens,
+    sanitize_passage,
+    split_sentences,
+    strip_markers,
+)
 from retrieval.documents import Hit
 
 log = logging.getLogger(__name__)
@@ -333,15 +340,6 @@ class GroundedBuilder:
         #: cases that gave no answerable example, by reason (``no_fit``, ``no_supported_reply``)
         self.skipped: Counter[str] = Counter()
 
-    @contextmanager
-    def _quiet_skips(self):
-        # a verified-mode attempt that fails is retried with whole passages: its skip is not the case's
-        before = Counter(self.skipped)
-        try:
-            yield
-        finally:
-            self.skipped = before
-
     def _distractors(self, case: GroundedCase) -> list[Hit]:
         gold_docs = {h.doc_id for h in case.gold}
         return [h for h in self.search(case.question, self.options.candidates) if h.doc_id not in gold_docs]
@@ -404,13 +402,14 @@ class GroundedBuilder:
         verified = _drawn("verified", case.id, o.verified_prompts, o.seed)
         ex = None
         if verified:
-            with self._quiet_skips():
-                ex = self._example(case, passages, answerable=True, verified_prompt=True)
-            if ex is None:
-                self.skipped["verified_prompt_lost"] += 1
-                verified = False
+            before = Counter(self.skipped)  # a failed cut is retried with whole passages: its skip is not the case's
+            ex = self._example(case, passages, answerable=True, verified_prompt=True)
+            self.skipped = before
         if ex is None:
             ex = self._example(case, passages, answerable=True)
+            if ex is not None and verified:
+                self.skipped["verified_prompt_lost"] += 1
+                verified = False
         if ex is None:
             return []
         out = [ex]
