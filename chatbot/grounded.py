@@ -110,7 +110,10 @@ class GroundedOptions:
         verified_prompts: share of cases (drawn by case id) whose examples carry the prompt of the ``verified``
             answer mode, in [0, 1]: each passage cut to its sentences among the question's most relevant ones
             (:meth:`chatbot.verification.Evidence.focus`, ``Settings.prompt_max_units``), which is what the service
-            sends the model in that mode; the others carry whole passages (the ``generate`` mode's prompt).
+            sends the model in that mode; the others carry whole passages (the ``generate`` mode's prompt). The cut
+            ranks sentences against the case's question over its ``passages``; the service ranks against its
+            retrieval query (a short follow-up joined to the earlier message) over ``top_k`` hits, so cases with
+            history, or ``passages`` != ``top_k``, may be cut differently. Needs ``reply="supported"``.
     """
 
     passages: int = 3
@@ -140,6 +143,9 @@ class GroundedOptions:
             raise InvalidInputError(f"max_quotes must be >= 1, got {self.max_quotes}")
         if not 0.0 <= self.verified_prompts <= 1.0:
             raise InvalidInputError(f"verified_prompts must be in [0, 1], got {self.verified_prompts}")
+        if self.verified_prompts > 0 and self.reply != "supported":
+            # a reference reply is cited whole: the cut could hide what it says, with nothing to fall back on
+            raise InvalidInputError(f"verified_prompts needs reply='supported', got reply={self.reply!r}")
 
 
 def normalize(text: str) -> str:

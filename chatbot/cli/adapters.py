@@ -54,7 +54,7 @@ def cmd_build_sft(args) -> int:
           f"no reply sentence in the gold passages: {c['no_supported_reply']}")
     if options.verified_prompts:
         print(f"verified-mode prompts: share {options.verified_prompts}; {c.get('verified_prompt_lost', 0)} cases "
-              "kept whole passages (the cut passages lost the sentences of the reply)")
+              "kept whole passages (the cut passages lost every sentence of the reply)")
     if c["reply_sentences"]:
         r = c["reply_sentences"]
         print(f"reply sentences: {r.get('kept', 0)} kept as written, {r.get('dropped', 0)} dropped (not in the "

@@ -222,6 +222,10 @@ def test_a_verified_prompt_that_cuts_the_answer_away_falls_back_to_whole_passage
     assert m["options"]["verified_prompts"] == 1.0 and m["options"]["prompt_max_units"] == 1
     with pytest.raises(InvalidInputError, match="prompt_max_units"):
         GroundedBuilder(search, "s", ABSTAIN, words, 1800, GroundedOptions(verified_prompts=0.5))
+    with pytest.raises(InvalidInputError, match="reply='supported'"):
+        GroundedOptions(verified_prompts=0.5, reply="reference")
+    with pytest.raises(InvalidInputError, match="verified_prompts must be in"):
+        GroundedOptions(verified_prompts=1.5)
 
 
 def test_dev_questions_and_documents_are_left_out_and_counted(tmp_path):
