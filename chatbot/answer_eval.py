@@ -13,12 +13,16 @@ and its route are scored:
   passages the turn showed the customer (its citations); 0 for a reply without passages.
 - **unsupported-claim rate**: rows whose reply holds a number, amount, duration, percentage,
   URL, e-mail address or phone number (:func:`chatbot.verification.claims`) no shown passage holds.
+- **reach**: answerable rows whose retrieved passages (every passage the turn was verified against, shown or not)
+  hold every fact: the ceiling of correct for ``verified`` and ``extractive`` answers, whose every sentence a
+  passage must support, whatever the model. Top-k retrieval accuracy in Karpukhin et al., EMNLP 2020 (DPR), with
+  the row's facts for the answer string.
 - **gold cited**: a gold document among the turn's citations; **clarify rate**: answerable rows
   routed to ``clarify``; **abstention**: unanswerable rows whose reply says it cannot answer and
   offers a person (or hands the customer to one) with no unsupported claim; **false abstention**:
   answerable rows that got such a reply (the documents answer it, the bot declined).
 - latency p50 / p95 (ms) and completion tokens per answer.
-Fact recall, K-Precision, correct, clarify and gold-cited rates are over answerable rows;
+Fact recall, K-Precision, correct, reach, clarify and gold-cited rates are over answerable rows;
 abstention over unanswerable rows, false abstention over answerable rows; the unsupported-claim rate over
 all rows.
 """
@@ -149,11 +153,13 @@ class RowResult:
     completion_tokens: int
     withheld: int = 0
     cited: list[str] = field(default_factory=list)
+    reach: bool = False
 
 
 def score_row(case: AnswerCase, reply: str, passages: Sequence[str], cited_docs: Sequence[str],
               action: str | None = None, kind: str | None = None, held: bool = False, latency_ms: float = 0.0,
-              completion_tokens: int = 0, withheld: int = 0, trusted: Sequence[str] = ()) -> RowResult:
+              completion_tokens: int = 0, withheld: int = 0, trusted: Sequence[str] = (),
+              retrieved: Sequence[str] | None = None) -> RowResult:
     """Score one reply of ``case``.
 
     Args:
@@ -163,8 +169,11 @@ def score_row(case: AnswerCase, reply: str, passages: Sequence[str], cited_docs:
         action: the routing action (``clarify`` counts against answerable rows).
         held: the turn handed the customer to a person.
         trusted: texts whose claims count as supported (the company's configured contact details).
+        retrieved: every passage text the turn retrieved and verified against (default ``passages``); an answerable
+            row has ``reach`` when these hold every fact.
     """
     found = sum(fact_present(f, reply) for f in case.facts)
+    pool = "\n".join(passages if retrieved is None else retrieved)
     unsupported = unsupported_claims(reply, passages, trusted)
     abstained = is_abstention(reply, held) and not unsupported
     if case.answerable:
@@ -178,6 +187,7 @@ def score_row(case: AnswerCase, reply: str, passages: Sequence[str], cited_docs:
         unsupported=unsupported, gold_cited=bool(set(case.gold) & set(cited_docs)), abstained=abstained,
         correct=correct, latency_ms=latency_ms, completion_tokens=completion_tokens, withheld=withheld,
         cited=list(dict.fromkeys(cited_docs)),
+        reach=case.answerable and all(fact_present(f, pool) for f in case.facts),
     )
 
 
@@ -205,6 +215,7 @@ def summarize(rows: Sequence[RowResult]) -> dict:
     return {
         "rows": len(rows), "answerable": len(ans), "unanswerable": len(una),
         "correct": _mean([float(r.correct) for r in ans]),
+        "reach": _mean([float(r.reach) for r in ans]),
         "fact_recall": _mean([r.facts_found / r.facts_total for r in ans]),
         "k_precision": _mean([r.k_precision if r.k_precision is not None else 0.0 for r in ans]),
         "unsupported_rate": _mean([float(bool(r.unsupported)) for r in rows]),
@@ -222,7 +233,7 @@ def summarize(rows: Sequence[RowResult]) -> dict:
 
 #: (key, header, format) of the summary table
 SUMMARY_COLUMNS = (
-    ("correct", "correct", "{:.2f}"), ("fact_recall", "fact rec", "{:.2f}"), ("k_precision", "K-Prec", "{:.2f}"),
+    ("correct", "correct", "{:.2f}"), ("reach", "reach", "{:.2f}"), ("fact_recall", "fact rec", "{:.2f}"), ("k_precision", "K-Prec", "{:.2f}"),
     ("unsupported_rate", "unsupp", "{:.2f}"), ("abstention", "abstain", "{:.2f}"),
     ("false_abstention", "false abst", "{:.2f}"),
     ("clarify_rate", "clarify", "{:.2f}"), ("gold_cited", "gold cit", "{:.2f}"),
@@ -272,6 +283,7 @@ async def run_case(assistant, case: AnswerCase) -> RowResult:
         action=turn.route.action if turn.route is not None else None, kind=turn.answer_kind, held=turn.held,
         latency_ms=latency, completion_tokens=turn.completion_tokens, withheld=len(turn.withheld),
         trusted=list(assistant.settings.company_fields.values()),
+        retrieved=[h.text for h in turn.prompt.hits],
     )
 
 

@@ -56,7 +56,8 @@ def test_summary_of_three_rows_gives_the_exact_numbers():
     assert s["latency_p50_ms"] == 200 and s["tokens_per_answer"] == 10
     table = format_summary([("generate", s)])
     assert s["false_abstention"] == 0.0
-    assert table.splitlines()[2] == ("| generate | 3 | 0.00 | 0.25 | 0.83 | 0.33 | 1.00 | 0.00 | 0.00 | 0.50 | 10 | 200 | 290 |")
+    assert s["reach"] == 1.0  # both answerable rows' passages hold their facts, though neither reply does
+    assert table.splitlines()[2] == ("| generate | 3 | 0.00 | 1.00 | 0.25 | 0.83 | 0.33 | 1.00 | 0.00 | 0.00 | 0.50 | 10 | 200 | 290 |")
 
 
 def test_an_abstention_on_an_answerable_row_is_a_false_abstention():
@@ -68,6 +69,22 @@ def test_an_abstention_on_an_answerable_row_is_a_false_abstention():
             score_row(hours, ABSTAIN, [], [])]
     s = summarize(rows)
     assert (s["false_abstention"], s["abstention"], s["correct"]) == (0.5, 1.0, 0.5)
+
+
+def test_reach_is_every_fact_in_the_retrieved_passages_whatever_the_reply():
+    """The ceiling of a verified answer: the retrieved passages (not only the cited ones) hold every fact."""
+    shipping = AnswerCase("a", "How much is shipping?", ["ship.md"], [["$8.00"], ["per order"]], True)
+    hours = AnswerCase("c", "When do you open?", [], [], False)
+    passage = "Standard shipping costs $8.00 per order."
+    # the abstention cited nothing, but the retrieved passage held both facts
+    declined = score_row(shipping, ABSTAIN, [], [], retrieved=[passage])
+    # one fact in one passage, the other in another: still reachable
+    split = score_row(shipping, "x", [], [], retrieved=["Shipping costs $8.00.", "Billed per order."])
+    # one fact missing from every passage
+    short = score_row(shipping, "x", [passage.replace(" per order", "")], [])
+    unanswerable = score_row(hours, ABSTAIN, [passage], [])
+    assert [r.reach for r in (declined, split, short, unanswerable)] == [True, True, False, False]
+    assert summarize([declined, split, short, unanswerable])["reach"] == pytest.approx(2 / 3)
 
 
 def test_abstention_needs_both_the_refusal_and_the_offer_of_a_person():
