@@ -10,7 +10,12 @@ sentence is *supported* (:meth:`Verifier.check`) when
    :func:`passage_units`): at least ``min_overlap`` of the sentence's content tokens
    (lower-cased, stemmed with PyStemmer, English stop words removed except negations and
    quantifiers such as *not*, *all*, *every*, which change what a sentence claims) occur in
-   that one unit.
+   that one unit, and
+3. the words it does not take from that unit **change nothing the unit says**: none stands where the
+   unit has another word ("Gold members: returns within 90 days" against "Bronze members: returns
+   within 90 days"; the two content-token sequences aligned with :class:`difflib.SequenceMatcher`)
+   and none is the customer's own ("... for shoes" after "can I return shoes?" against a unit that
+   never names shoes): a sentence may add words to its passage sentence, not swap or apply them.
 
 The token-overlap rule follows K-Precision (Adlakha et al., "Evaluating Correctness and
 Faithfulness of Instruction-Following Models for Question Answering", TACL 2024), measured
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from difflib import SequenceMatcher
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -277,7 +283,9 @@ class Support:
             from: "Express shipping costs $8.00" where $8.00 is standard shipping), ``negation_mismatch``
             (one side negated: "There is parking" against "There is no parking"), ``low_overlap``,
             ``no_content`` (fewer than :data:`MIN_SENTENCE_TOKENS` content tokens, or none that is a
-            word: "4.", "Sure!"), ``echo`` (only the customer's own words) or ``repetition`` (a
+            word: "4.", "Sure!"), ``echo`` (only the customer's own words), ``substitution`` (its words are
+            in a passage sentence but it swaps one of that sentence's words for another, or applies it to the
+            customer's own term; see the module docstring) or ``repetition`` (a
             degenerate loop: 12+ content tokens, under 30% of them distinct; the service also
             withholds a supported sentence the answer has already said).
     """
@@ -315,7 +323,8 @@ class Verifier:
         self.passages = list(passages)
         self.units = [u for i, p in enumerate(self.passages, 1) for u in passage_units(i, p, language)
                       if not is_instruction(u.text)]
-        self._unit_tokens = [set(content_tokens(u.text)) for u in self.units]
+        self._unit_seqs = [content_tokens(u.text) for u in self.units]
+        self._unit_tokens = [set(seq) for seq in self._unit_seqs]
         self._unit_claims = [claims(u.text) for u in self.units]
         self._trusted = [c for t in trusted for c in claims(t)]
 
@@ -342,25 +351,43 @@ class Verifier:
             return Support(False, None, 0.0, [], "echo")
         own = [c for c in claims(sentence) if not any(c.matches(k) for k in self._trusted)]
         negated = bool(tokens & _NEGATIONS)
-        best, best_overlap, any_best, any_overlap = None, 0.0, None, 0.0
-        for u, ut, uc in zip(self.units, self._unit_tokens, self._unit_claims):
+        any_best, any_overlap = None, 0.0
+        fits: list[tuple[float, int]] = []  # (overlap, unit index) of the units that state its claims and negation
+        for i, (u, ut, uc) in enumerate(zip(self.units, self._unit_tokens, self._unit_claims)):
             ov = len(tokens & ut) / len(tokens)
             if ov > any_overlap:
                 any_best, any_overlap = u, ov
-            if ov > best_overlap and bool(ut & _NEGATIONS) == negated and all(
-                    any(c.matches(k) for k in uc) for c in own):
-                best, best_overlap = u, ov
+            if bool(ut & _NEGATIONS) == negated and all(any(c.matches(k) for k in uc) for c in own):
+                fits.append((ov, i))
         if len(every) >= 12 and len(tokens) / len(every) < 0.3:  # "John Smith, John Smith, John Smith, ..."
             return Support(False, any_best, any_overlap, missing, "repetition")
         if missing:
             return Support(False, any_best, any_overlap, missing, "unsupported_claim")
-        if best is None or best_overlap < self.min_overlap:
+        fits = sorted((f for f in fits if f[0] >= self.min_overlap), key=lambda f: -f[0])  # stable: first unit wins
+        if not fits:
             if any_best is not None and any_overlap >= self.min_overlap:
                 # the words are in a passage sentence, but its numbers or its negation are not
                 reason = "claim_elsewhere" if own else "negation_mismatch"
                 return Support(False, any_best, any_overlap, [], reason)
             return Support(False, any_best, any_overlap, [], "low_overlap")
-        return Support(True, best, best_overlap, [], "supported")
+        for ov, i in fits:
+            if not self.changed_terms(every, i):
+                return Support(True, self.units[i], ov, [], "supported")
+        ov, i = fits[0]
+        return Support(False, self.units[i], ov, [], "substitution")
+
+    def changed_terms(self, tokens: Sequence[str], unit: int) -> list[str]:
+        """The content tokens of a sentence (``tokens``, in order, :func:`content_tokens`) that unit ``unit``
+        (index into :attr:`units`) lacks and that change what it says: those aligned against other words of the
+        unit (a ``replace`` in :class:`difflib.SequenceMatcher`'s opcodes over the two token sequences) and those
+        of the customer's question. Empty when the sentence only adds words or says the unit in other order."""
+        seq = self._unit_seqs[unit]
+        have = self._unit_tokens[unit]
+        out = [t for t in tokens if t not in have and t in self._question]
+        for tag, i1, i2, _j1, _j2 in SequenceMatcher(None, list(tokens), seq, autojunk=False).get_opcodes():
+            if tag == "replace":
+                out += [t for t in tokens[i1:i2] if t not in have]
+        return list(dict.fromkeys(out))
 
 
 class SentenceStream:

@@ -82,6 +82,31 @@ def test_verifier_verdicts(sentence, supported, reason, missing):
     assert (v.supported, v.reason, v.missing_claims) == (supported, reason, missing)
 
 
+def test_a_sentence_that_swaps_a_word_of_its_passage_sentence_is_withheld():
+    """The words overlap one passage sentence above the threshold, but the one word they do not share stands where
+    that sentence has another: the tier (or the shipping option) a policy belongs to is swapped."""
+    tiers = ["- Bronze members: return possible within the last 90 days if they have a receipt.\n"
+             "- Gold members: unlimited returns, no receipt needed."]
+    v = Verifier(tiers, question="what if I was a gold member instead?")
+    swapped = v.check("Gold members: return possible within the last 90 days if they have a receipt [1].")
+    assert (swapped.supported, swapped.reason, swapped.overlap) == (False, "substitution", 7 / 8)
+    assert swapped.unit.text.startswith("Bronze members")
+    assert v.changed_terms(content_tokens("Gold members: return possible within the last 90 days"), 0) == ["gold"]
+    assert v.check("Bronze members: return possible within the last 90 days if they have a receipt.").supported
+    # 5 of 6 content tokens in the standard-shipping sentence, $8.00 too: only "express" is not its word
+    express = Verifier(PASSAGES).check("Express shipping costs $8.00 per order.")
+    assert (express.supported, express.reason) == (False, "substitution")
+
+
+def test_a_sentence_may_add_a_word_but_not_the_customers_own_term():
+    added = "Guest members can easily return items within 30 days."
+    assert Verifier(PASSAGES, question="Can I return shoes?").check(added).supported
+    applied = "Guest members can return items and shoes within 30 days."  # "shoes": the customer's, not the passage's
+    assert Verifier(PASSAGES).check(applied).supported
+    v = Verifier(PASSAGES, question="Can I return shoes?").check(applied)
+    assert (v.supported, v.reason) == (False, "substitution")
+
+
 def test_a_claim_stated_by_another_passage_sentence_does_not_support():
     # $20.00 is express shipping: at a lower overlap threshold the words match the returns sentence,
     # the amount only another one; at the default the words alone fall short
