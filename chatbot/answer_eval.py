@@ -14,9 +14,11 @@ and its route are scored:
 - **unsupported-claim rate**: rows whose reply holds a number, amount, duration, percentage,
   URL, e-mail address or phone number (:func:`chatbot.verification.claims`) no shown passage holds.
 - **reach**: answerable rows whose retrieved passages (every passage the turn was verified against, shown or not)
-  hold every fact: the ceiling of correct for ``verified`` and ``extractive`` answers, whose every sentence a
-  passage must support, whatever the model. Top-k retrieval accuracy in Karpukhin et al., EMNLP 2020 (DPR), with
-  the row's facts for the answer string.
+  hold every fact. A row the router sent to a person or to a clarifying question retrieves nothing and does not
+  reach, nor does a failed row. It is what routing and retrieval leave a ``verified`` or ``extractive`` answer,
+  whose every sentence a passage must support, whatever the chat model: ``correct`` can pass it only through the
+  few words a supported sentence may add (``verify_min_overlap``) and the company's own contact details. Top-k
+  retrieval accuracy in Karpukhin et al., EMNLP 2020 (DPR), with the row's facts for the answer string.
 - **gold cited**: a gold document among the turn's citations; **clarify rate**: answerable rows
   routed to ``clarify``; **abstention**: unanswerable rows whose reply says it cannot answer and
   offers a person (or hands the customer to one) with no unsupported claim; **false abstention**:
@@ -233,7 +235,8 @@ def summarize(rows: Sequence[RowResult]) -> dict:
 
 #: (key, header, format) of the summary table
 SUMMARY_COLUMNS = (
-    ("correct", "correct", "{:.2f}"), ("reach", "reach", "{:.2f}"), ("fact_recall", "fact rec", "{:.2f}"), ("k_precision", "K-Prec", "{:.2f}"),
+    ("correct", "correct", "{:.2f}"), ("reach", "reach", "{:.2f}"), ("fact_recall", "fact rec", "{:.2f}"),
+    ("k_precision", "K-Prec", "{:.2f}"),
     ("unsupported_rate", "unsupp", "{:.2f}"), ("abstention", "abstain", "{:.2f}"),
     ("false_abstention", "false abst", "{:.2f}"),
     ("clarify_rate", "clarify", "{:.2f}"), ("gold_cited", "gold cit", "{:.2f}"),

@@ -33,7 +33,8 @@ class Metrics:
         answers: ``chatbot_answers_total{kind}``: replies by how they were made (generated, verified,
             extractive, abstained, fixed; chatbot.service.ANSWER_KINDS).
         withheld: ``chatbot_withheld_sentences_total{reason}``: generated sentences no passage supports
-            (unsupported_claim, low_overlap, no_content), never shown.
+            (the reasons of chatbot.verification.Support: unsupported_claim, claim_elsewhere, negation_mismatch,
+            low_overlap, substitution, no_content, echo, repetition; and the service's truncated), never shown.
         adapter_served: ``chatbot_adapter_served{version}``: 1 for the adapter the engine serves ("" = base model).
         adapter_live: ``chatbot_adapter_live{version}``: 1 for the adapter ``LIVE.json`` names ("" = none).
         adapter_mismatch: ``chatbot_adapter_live_mismatch``: 1 while the engine serves another adapter than

@@ -11,11 +11,12 @@ sentence is *supported* (:meth:`Verifier.check`) when
    (lower-cased, stemmed with PyStemmer, English stop words removed except negations and
    quantifiers such as *not*, *all*, *every*, which change what a sentence claims) occur in
    that one unit, and
-3. the words it does not take from that unit **change nothing the unit says**: none stands where the
-   unit has another word ("Gold members: returns within 90 days" against "Bronze members: returns
-   within 90 days"; the two content-token sequences aligned with :class:`difflib.SequenceMatcher`)
-   and none is the customer's own ("... for shoes" after "can I return shoes?" against a unit that
-   never names shoes): a sentence may add words to its passage sentence, not swap or apply them.
+3. the words it does not take from that unit (or its heading) **change nothing the unit says**: none
+   comes from another passage sentence ("Gold members: returns within 90 days" against "Bronze members:
+   returns within 90 days" beside the Gold rule), none stands where the unit has another word (the two
+   content-token sequences aligned with :class:`difflib.SequenceMatcher`), and none is the customer's
+   own ("... and shoes" after "can I return shoes?" against a unit that never names shoes): a sentence
+   may add words to its passage sentence, not swap or apply them (:meth:`Verifier.changed_terms`).
 
 The token-overlap rule follows K-Precision (Adlakha et al., "Evaluating Correctness and
 Faithfulness of Instruction-Following Models for Question Answering", TACL 2024), measured
@@ -275,7 +276,8 @@ class Support:
     Attributes:
         supported: shown to the customer.
         unit: the supporting unit when supported, else the unit with the highest content overlap
-            (None when no passage has one).
+            (None when no passage has one); for ``substitution``, the one with the highest overlap among
+            those that state its claims and agree on negation.
         overlap: share of the sentence's content tokens found in ``unit`` (0..1).
         missing_claims: claims of the sentence no passage contains.
         reason: ``supported``, ``unsupported_claim`` (no passage states one of its claims),
@@ -283,9 +285,10 @@ class Support:
             from: "Express shipping costs $8.00" where $8.00 is standard shipping), ``negation_mismatch``
             (one side negated: "There is parking" against "There is no parking"), ``low_overlap``,
             ``no_content`` (fewer than :data:`MIN_SENTENCE_TOKENS` content tokens, or none that is a
-            word: "4.", "Sure!"), ``echo`` (only the customer's own words), ``substitution`` (its words are
-            in a passage sentence but it swaps one of that sentence's words for another, or applies it to the
-            customer's own term; see the module docstring) or ``repetition`` (a
+            word: "4.", "Sure!"), ``echo`` (only the customer's own words), ``substitution`` (its words and
+            claims are in a passage sentence, ``unit`` here, but it changes a word of it: one from another
+            passage sentence or from the customer's question, or one in place of the unit's own;
+            :meth:`Verifier.changed_terms`) or ``repetition`` (a
             degenerate loop: 12+ content tokens, under 30% of them distinct; the service also
             withholds a supported sentence the answer has already said).
     """
@@ -325,6 +328,8 @@ class Verifier:
                       if not is_instruction(u.text)]
         self._unit_seqs = [content_tokens(u.text) for u in self.units]
         self._unit_tokens = [set(seq) for seq in self._unit_seqs]
+        self._context_tokens = [set(content_tokens(u.context)) for u in self.units]
+        self._all_tokens = set().union(*self._unit_tokens)
         self._unit_claims = [claims(u.text) for u in self.units]
         self._trusted = [c for t in trusted for c in claims(t)]
 
@@ -371,23 +376,31 @@ class Verifier:
                 return Support(False, any_best, any_overlap, [], reason)
             return Support(False, any_best, any_overlap, [], "low_overlap")
         for ov, i in fits:
-            if not self.changed_terms(every, i):
+            if not self.changed_terms(sentence, i):
                 return Support(True, self.units[i], ov, [], "supported")
         ov, i = fits[0]
         return Support(False, self.units[i], ov, [], "substitution")
 
-    def changed_terms(self, tokens: Sequence[str], unit: int) -> list[str]:
-        """The content tokens of a sentence (``tokens``, in order, :func:`content_tokens`) that unit ``unit``
-        (index into :attr:`units`) lacks and that change what it says: those aligned against other words of the
-        unit (a ``replace`` in :class:`difflib.SequenceMatcher`'s opcodes over the two token sequences) and those
-        of the customer's question. Empty when the sentence only adds words or says the unit in other order."""
-        seq = self._unit_seqs[unit]
-        have = self._unit_tokens[unit]
-        out = [t for t in tokens if t not in have and t in self._question]
-        for tag, i1, i2, _j1, _j2 in SequenceMatcher(None, list(tokens), seq, autojunk=False).get_opcodes():
+    def changed_terms(self, sentence: str, unit: int) -> list[str]:
+        """The content tokens of ``sentence`` that unit ``unit`` (index into :attr:`units`) lacks, neither in its
+        text nor in its heading (:attr:`Unit.context`), and that change what it says: a token of the customer's
+        question, a token another unit of the passages holds (a word taken from the sentence about something
+        else: "Gold" from the Gold rule onto the Bronze rule, in any position), and a token aligned against
+        other words of the unit (a ``replace`` in :class:`difflib.SequenceMatcher`'s opcodes over the two
+        content-token sequences). The tokens of claims are left out (:meth:`check` has matched the claims
+        themselves: "8 dollars" for "$8.00"). Empty when the sentence only adds words found nowhere in the
+        passages or the question, or says the unit's own words in another order (a swap inside one unit, "Bronze
+        members get free shipping" from "Gold members get free shipping, Bronze members pay", is not caught).
+        Tokens in sentence order, each once."""
+        skip = {t for c in [*claims(sentence), *self._unit_claims[unit]] for t in content_tokens(c.text)}
+        seq = [t for t in self._unit_seqs[unit] if t not in skip]
+        tokens = [t for t in content_tokens(sentence) if t not in skip]
+        have = self._unit_tokens[unit] | self._context_tokens[unit]
+        changed = {t for t in tokens if t not in have and (t in self._question or t in self._all_tokens)}
+        for tag, i1, i2, _j1, _j2 in SequenceMatcher(None, tokens, seq, autojunk=False).get_opcodes():
             if tag == "replace":
-                out += [t for t in tokens[i1:i2] if t not in have]
-        return list(dict.fromkeys(out))
+                changed.update(t for t in tokens[i1:i2] if t not in have)
+        return [t for t in dict.fromkeys(tokens) if t in changed]
 
 
 class SentenceStream:

@@ -91,11 +91,38 @@ def test_a_sentence_that_swaps_a_word_of_its_passage_sentence_is_withheld():
     swapped = v.check("Gold members: return possible within the last 90 days if they have a receipt [1].")
     assert (swapped.supported, swapped.reason, swapped.overlap) == (False, "substitution", 7 / 8)
     assert swapped.unit.text.startswith("Bronze members")
-    assert v.changed_terms(content_tokens("Gold members: return possible within the last 90 days"), 0) == ["gold"]
+    assert v.changed_terms("Gold members: return possible within the last 90 days", 0) == ["gold"]
     assert v.check("Bronze members: return possible within the last 90 days if they have a receipt.").supported
+    # the Gold rule's word moved elsewhere in the sentence, or added beside the Bronze one: still a change
+    for moved in ("Within the last 90 days, Gold members: return possible if they have a receipt.",
+                  "Bronze and Gold members: return possible within the last 90 days if they have a receipt."):
+        assert Verifier(tiers).check(moved).reason == "substitution", moved
     # 5 of 6 content tokens in the standard-shipping sentence, $8.00 too: only "express" is not its word
-    express = Verifier(PASSAGES).check("Express shipping costs $8.00 per order.")
-    assert (express.supported, express.reason) == (False, "substitution")
+    for sentence in ("Express shipping costs $8.00 per order.", "Shipping costs $8.00 per order for express."):
+        express = Verifier(PASSAGES).check(sentence)
+        assert (express.supported, express.reason, express.unit.text) == (
+            False, "substitution", "Standard shipping costs $8.00 per order."), sentence
+
+
+def test_a_claim_written_another_way_is_no_substitution():
+    """The claims are matched as claims ($8.00 = 8 dollars), so their tokens are no swapped words."""
+    for sentence in ("Standard shipping costs 8 dollars per order.", "Guest members can return items within thirty days.",
+                     "Express shipping costs 20 dollars."):
+        assert Verifier(PASSAGES).check(sentence).supported, sentence
+
+
+def test_a_sentence_a_unit_holds_unchanged_rests_on_it_though_another_overlaps_as_much():
+    sentence = "Standard shipping is just $8.00 per order."  # "just" where the first unit says "costs"
+    first = Verifier(["Standard shipping costs $8.00 per order."]).check(sentence)
+    assert (first.supported, first.reason) == (False, "substitution")
+    both = Verifier(["Standard shipping costs $8.00 per order.", "Standard shipping: $8.00 per order."]).check(sentence)
+    assert (both.supported, both.unit.passage, both.overlap) == (True, 2, 5 / 6)
+
+
+def test_a_word_of_the_units_heading_is_its_own():
+    faq = ["## Does the Acorn Diner accept take-out orders?\nYes, the Acorn Diner does offer take-out ordering."]
+    assert Verifier(faq).check("Yes, the Acorn Diner does accept take-out orders.").supported
+    assert not Verifier([faq[0].split("\n")[1]]).check("Yes, the Acorn Diner does accept take-out orders.").supported
 
 
 def test_a_sentence_may_add_a_word_but_not_the_customers_own_term():
