@@ -16,6 +16,7 @@ from chatbot.answer_eval import (
     summarize,
 )
 from chatbot.errors import DataError
+from tests.chatbot.test_verified_answers import index_dir  # noqa: F401  (fixture: four small policy documents)
 
 ABSTAIN = "I'm sorry, I can't answer that from our help documents. Would you like me to connect you with a person?"
 
@@ -139,3 +140,20 @@ def test_the_shipped_dev_sets_load_and_their_facts_occur_in_their_gold_documents
             texts = [(docs / g).read_text().lower() for g in r.gold]
             for fact in r.facts:
                 assert any(fact[0].lower() in t for t in texts), (r.id, fact[0])
+
+
+def test_run_case_reaches_through_every_retrieved_passage_even_when_the_reply_cites_none(
+        tmp_path, index_dir, embedder):  # noqa: F811
+    """A turn whose extractive answer found no sentence close enough abstains and cites nothing; its retrieved
+    passages still decide reach."""
+    import asyncio
+
+    from chatbot.answer_eval import run_case
+    from tests.chatbot.test_verified_answers import make
+
+    a = make(tmp_path, index_dir, embedder, "unused", answer_mode="extractive", extractive_min_score=0.99)
+    held = AnswerCase("s", "How much does standard shipping cost?", ["shipping.md"], [["$8.00"]], True)
+    missing = AnswerCase("m", "How much does standard shipping cost?", ["shipping.md"], [["$5.00"]], True)
+    r = asyncio.run(run_case(a, held))
+    assert (r.kind, r.cited, r.correct, r.reach) == ("abstained", [], False, True)
+    assert asyncio.run(run_case(a, missing)).reach is False
