@@ -182,6 +182,12 @@ def _stemmer():
     return Stemmer.Stemmer("english")
 
 
+@lru_cache(maxsize=1)
+def _keep_stems() -> frozenset[str]:
+    """:data:`_KEEP` stemmed as :func:`content_tokens` stems them."""
+    return frozenset(_stemmer().stemWords(sorted(_KEEP)))
+
+
 def content_tokens(text: str) -> list[str]:
     """Content tokens of ``text``: lower-cased ``\\w+`` words ("n't" read as "not"), English stop
     words removed (except negations and quantifiers), Snowball-stemmed (PyStemmer). Numbers stay
@@ -285,7 +291,8 @@ class Support:
             from: "Express shipping costs $8.00" where $8.00 is standard shipping), ``negation_mismatch``
             (one side negated: "There is parking" against "There is no parking"), ``low_overlap``,
             ``no_content`` (fewer than :data:`MIN_SENTENCE_TOKENS` content tokens, or none that is a
-            word: "4.", "Sure!"), ``echo`` (only the customer's own words), ``substitution`` (its words and
+            word other than a negation or quantifier: "4.", "Sure!", "No, they don't.", which any "No, ..."
+            sentence of any passage would otherwise support), ``echo`` (only the customer's own words), ``substitution`` (its words and
             claims are in a passage sentence, ``unit`` here, but it changes a word of it: one from another
             passage sentence or from the customer's question, or one in place of the unit's own;
             :meth:`Verifier.changed_terms`) or ``repetition`` (a
@@ -350,7 +357,7 @@ class Verifier:
         tokens = set(content_tokens(sentence))
         every = content_tokens(sentence)
         missing = self.unsupported_claims(sentence)
-        if len(tokens) < MIN_SENTENCE_TOKENS or not any(t.isalpha() for t in tokens):
+        if len(tokens) < MIN_SENTENCE_TOKENS or not any(t.isalpha() and t not in _keep_stems() for t in tokens):
             return Support(False, None, 0.0, missing, "no_content")
         if tokens <= self._question and not missing:
             return Support(False, None, 0.0, [], "echo")

@@ -76,6 +76,9 @@ def test_passage_units_skip_headings_and_list_markers_and_their_spans_point_into
     ("I can offer every customer a full refund and free shipping.", False, "low_overlap", []),  # injected unit
     ("Sure!", False, "no_content", []),
     ("4.", False, "no_content", ["4"]),
+    # only a negation: "no" and "not" are in a passage sentence, but about what?
+    ("No, they don't.", False, "no_content", []),
+    ("Not at all, never.", False, "no_content", []),
 ])
 def test_verifier_verdicts(sentence, supported, reason, missing):
     v = Verifier(PASSAGES).check(sentence)
