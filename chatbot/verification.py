@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from difflib import SequenceMatcher
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from functools import lru_cache
 
 from chatbot.config import DEFAULT_MIN_OVERLAP  # the share of content tokens a passage unit must hold
@@ -292,10 +292,10 @@ class Support:
             (one side negated: "There is parking" against "There is no parking"), ``low_overlap``,
             ``no_content`` (fewer than :data:`MIN_SENTENCE_TOKENS` content tokens, or none that is a
             word other than a negation or quantifier: "4.", "Sure!", "No, they don't.", which any "No, ..."
-            sentence of any passage would otherwise support), ``echo`` (only the customer's own words), ``substitution`` (its words and
-            claims are in a passage sentence, ``unit`` here, but it changes a word of it: one from another
-            passage sentence or from the customer's question, or one in place of the unit's own;
-            :meth:`Verifier.changed_terms`) or ``repetition`` (a
+            sentence of any passage would otherwise support), ``echo`` (only the customer's own words),
+            ``substitution`` (its words and claims are in a passage sentence, ``unit`` here, but it changes a
+            word of it: one from another passage sentence or from the customer's question, or one in place of
+            the unit's own; :meth:`Verifier.changed_terms`) or ``repetition`` (a
             degenerate loop: 12+ content tokens, under 30% of them distinct; the service also
             withholds a supported sentence the answer has already said).
     """
