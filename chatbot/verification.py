@@ -338,6 +338,7 @@ class Verifier:
         self._context_tokens = [set(content_tokens(u.context)) for u in self.units]
         self._all_tokens = set().union(*self._unit_tokens)
         self._unit_claims = [claims(u.text) for u in self.units]
+        self._unit_claim_tokens = [{t for c in cs for t in content_tokens(c.text)} for cs in self._unit_claims]
         self._trusted = [c for t in trusted for c in claims(t)]
 
     def unsupported_claims(self, sentence: str) -> list[str]:
@@ -361,7 +362,8 @@ class Verifier:
             return Support(False, None, 0.0, missing, "no_content")
         if tokens <= self._question and not missing:
             return Support(False, None, 0.0, [], "echo")
-        own = [c for c in claims(sentence) if not any(c.matches(k) for k in self._trusted)]
+        said = claims(sentence)
+        own = [c for c in said if not any(c.matches(k) for k in self._trusted)]
         negated = bool(tokens & _NEGATIONS)
         any_best, any_overlap = None, 0.0
         fits: list[tuple[float, int]] = []  # (overlap, unit index) of the units that state its claims and negation
@@ -383,7 +385,7 @@ class Verifier:
                 return Support(False, any_best, any_overlap, [], reason)
             return Support(False, any_best, any_overlap, [], "low_overlap")
         for ov, i in fits:
-            if not self.changed_terms(sentence, i):
+            if not self._changed(every, said, i):
                 return Support(True, self.units[i], ov, [], "supported")
         ov, i = fits[0]
         return Support(False, self.units[i], ov, [], "substitution")
@@ -399,9 +401,13 @@ class Verifier:
         passages or the question, or says the unit's own words in another order (a swap inside one unit, "Bronze
         members get free shipping" from "Gold members get free shipping, Bronze members pay", is not caught).
         Tokens in sentence order, each once."""
-        skip = {t for c in [*claims(sentence), *self._unit_claims[unit]] for t in content_tokens(c.text)}
+        return self._changed(content_tokens(sentence), claims(sentence), unit)
+
+    def _changed(self, every: Sequence[str], said: Sequence[Claim], unit: int) -> list[str]:
+        """:meth:`changed_terms` of a sentence given its content tokens (in order) and its claims."""
+        skip = self._unit_claim_tokens[unit].union(*(content_tokens(c.text) for c in said))
         seq = [t for t in self._unit_seqs[unit] if t not in skip]
-        tokens = [t for t in content_tokens(sentence) if t not in skip]
+        tokens = [t for t in every if t not in skip]
         have = self._unit_tokens[unit] | self._context_tokens[unit]
         changed = {t for t in tokens if t not in have and (t in self._question or t in self._all_tokens)}
         for tag, i1, i2, _j1, _j2 in SequenceMatcher(None, tokens, seq, autojunk=False).get_opcodes():
